@@ -1,0 +1,330 @@
+"""Typed configuration: dataclasses loaded from YAML, strict about keys, with CLI overrides.
+
+Every dataclass here rejects unknown keys with a one-line ``DatencoderError`` that lists the
+valid ones, so a typo in a YAML file or a ``key=value`` override never passes silently.
+The resolved config is stored inside every artifact (``to_dict``), and ``from_dict`` reads it
+back, so an artifact always says exactly how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import DatencoderError
+
+__all__ = [
+    "Config",
+    "ModelConfig",
+    "EncoderConfig",
+    "DualPathConfig",
+    "LossConfig",
+    "DataConfig",
+    "TrainConfig",
+    "TuneConfig",
+    "SampleConfig",
+    "from_dict",
+    "to_dict",
+    "load_config",
+    "apply_overrides",
+    "shipped_configs_dir",
+]
+
+T = TypeVar("T")
+
+
+@dataclass
+class ModelConfig:
+    """Which base model and image tower to build on."""
+
+    pretrained: str = "minisd-emoji"
+    """Diffusers-layout folder, hub id, or the embedded default ``minisd-emoji``."""
+    image_tower: str | None = None
+    """transformers vision model (folder or hub id); None uses ``<pretrained>/image_tower``."""
+    revision: str | None = None
+    placeholder: str = "S*"
+    """What users write in prompts for the personalised concept."""
+    token: str = "<concept>"
+    """The token string added to the tokenizer for the placeholder (lowercase-safe)."""
+
+
+@dataclass
+class EncoderConfig:
+    """The tuning encoder: feature backbone, fusion trunk, embedding head, hypernetwork."""
+
+    tower_layers: list[int] = field(default_factory=lambda: [-1, -3, -5])
+    """Hidden-state indices of the image tower that are pooled and concatenated."""
+    use_denoiser_features: bool = True
+    """E4T-style features of the frozen UNet's down and mid blocks on z_t."""
+    neutral_prompt: str = ""
+    hidden_dim: int = 512
+    trunk_layers: int = 2
+    timestep_dim: int = 128
+    use_hypernetwork: bool = True
+    rank: int = 4
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """Attention projections that receive low-rank offsets."""
+    attention_kinds: list[str] = field(default_factory=lambda: ["self", "cross"])
+    lora_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise DatencoderError(f"encoder.rank must be >= 1, got {self.rank}")
+        bad = [k for k in self.attention_kinds if k not in ("self", "cross")]
+        if bad:
+            raise DatencoderError(f"encoder.attention_kinds may hold 'self' and 'cross', got {bad}")
+        bad = [t for t in self.targets if t not in ("to_q", "to_k", "to_v", "to_out.0")]
+        if bad:
+            raise DatencoderError(f"encoder.targets may hold to_q, to_k, to_v, to_out.0, got {bad}")
+
+
+@dataclass
+class DualPathConfig:
+    """out = a * Attn(W + dW, soft prompt) + (1 - a) * Attn(W, hard prompt)."""
+
+    enabled: bool = True
+    blend_self: float = 0.5
+    blend_cross: float = 0.5
+    in_pretraining: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("blend_self", "blend_cross"):
+            a = getattr(self, name)
+            if not 0.0 <= a <= 1.0:
+                raise DatencoderError(f"dual_path.{name} must lie in [0, 1], got {a}")
+
+
+@dataclass
+class LossConfig:
+    """Weights of the named loss terms; a weight of 0 switches a term off."""
+
+    contrastive_weight: float = 0.01
+    tau: float = 0.07
+    num_negatives: int = 256
+    top_k_positives: int = 1
+    whole_words_only: bool = True
+    norm_weight: float = 0.001
+    l2_weight: float = 0.0
+    """E4T-style L2 pull of the embedding toward its initial word (baseline)."""
+    l2_anchor: str | None = None
+    lora_weight: float = 0.0
+    """L2 penalty on the predicted offsets."""
+    snr_gamma: float | None = None
+
+
+@dataclass
+class DataConfig:
+    root: str = ""
+    resolution: int = 0
+    """0 uses the VAE's sample size (pixels)."""
+    templates: list[str] = field(
+        default_factory=lambda: [
+            "a photo of S*",
+            "a rendering of S*",
+            "S*",
+            "a picture of S*",
+            "an image of S*",
+        ]
+    )
+    hflip: bool = True
+    scale_min: float = 0.8
+    extensions: list[str] = field(default_factory=lambda: [".png", ".jpg", ".jpeg", ".webp", ".bmp"])
+    manifest: str | None = None
+    """Optional JSONL manifest (emoji data set): only rows whose split is in ``splits`` are used."""
+    splits: list[str] = field(default_factory=lambda: ["train"])
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/pretrain"
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    mixed_precision: str = "no"
+    """'no', 'bf16' or 'fp16' (accelerate)."""
+    checkpoint_every: int = 200
+    sample_every: int = 0
+    log_every: int = 10
+    seed: int = 0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise DatencoderError(
+                f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}"
+            )
+
+
+@dataclass
+class TuneConfig:
+    steps: int = 12
+    batch_size: int = 4
+    lr_embedding: float = 3e-3
+    lr_lora: float = 1e-3
+    tune_embedding: bool = True
+    tune_lora: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise DatencoderError(f"tune.steps must be >= 0, got {self.steps}")
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 25
+    guidance: float = 7.5
+    num_images: int = 4
+    seed: int = 0
+    scheduler: str = "ddim"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    dual_path: DualPathConfig = field(default_factory=DualPathConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Generic (de)serialisation, usable with any config dataclass of the project.
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (a small subset of typing)."""
+    origin = typing.get_origin(tp)
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise DatencoderError(f"config section '{where}' must be a mapping, got {value!r}")
+        return from_dict(tp, value, _prefix=where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except DatencoderError as err:
+                errors.append(str(err))
+        raise DatencoderError(errors[0] if errors else f"config key '{where}': bad value {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise DatencoderError(f"config key '{where}' must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)[:1] or (Any,)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise DatencoderError(f"config key '{where}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise DatencoderError(f"config key '{where}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise DatencoderError(f"config key '{where}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise DatencoderError(f"config key '{where}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise DatencoderError(f"config key '{where}' must be a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, _prefix: str = "") -> T:
+    """Build the dataclass ``cls`` from a (nested) mapping, rejecting unknown keys."""
+    data = data or {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{_prefix}.{unknown[0]}" if _prefix else unknown[0]
+        raise DatencoderError(
+            f"unknown config key '{key}' (valid keys here: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        where = f"{_prefix}.{name}" if _prefix else name
+        kwargs[name] = _coerce(value, hints[name], where)
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain JSON/YAML-serialisable data."""
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a nested mapping."""
+    data = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise DatencoderError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def shipped_configs_dir() -> Path:
+    """Where the configs shipped with the package live."""
+    return Path(__file__).parent / "configs"
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, cls: type[T] = Config) -> T:
+    """Load a YAML config into ``cls`` (default: the method's ``Config``), with overrides.
+
+    ``path`` is a file, or the name of a shipped config (``tiny`` -> ``configs/tiny.yaml``).
+    """
+    p = Path(path)
+    if not p.exists():
+        shipped = shipped_configs_dir() / (p.name if p.suffix else f"{p.name}.yaml")
+        if shipped.exists():
+            p = shipped
+        else:
+            raise DatencoderError(f"config file not found: {path} (give a YAML path or a shipped name)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise DatencoderError(f"config file {p} is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise DatencoderError(f"config file {p} must hold a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    return from_dict(cls, data)

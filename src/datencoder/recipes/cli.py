@@ -1,0 +1,86 @@
+"""The ``datencoder`` command: one sub-command per recipe module.
+
+Each recipe module defines ``add_arguments(parser)`` and ``run(args) -> int``. A
+``DatencoderError`` from anywhere is printed as one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from ..errors import DatencoderError
+
+# command name -> (recipe module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("datencoder.recipes.demo", "personalise a bundled emoji and write one grid PNG"),
+    "pretrain": ("datencoder.recipes.pretrain", "pre-train the tuning encoder (accelerate)"),
+    "personalize": ("datencoder.recipes.personalize", "encoder prediction + short tuning on one image"),
+    "generate": ("datencoder.recipes.generate", "generate images of a concept from a prompt"),
+    "export": ("datencoder.recipes.export", "export a concept for stock diffusers"),
+    "evaluate": ("datencoder.recipes.evaluate", "evaluate methods on held-out concepts"),
+    "data": ("datencoder.recipes.data", "build a training data set (emoji)"),
+    "minisd": ("datencoder.recipes.minisd", "train a stage of the embedded default model"),
+}
+
+
+def _load(module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            return None
+        raise
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(
+        prog="datencoder",
+        description="Fast one-image personalisation of text-to-image diffusion models.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = _load(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if module is not None:
+            module.add_arguments(p)
+        modules[name] = module
+    return parser, modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser, modules = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+    )
+    for noisy in ("httpx", "urllib3", "diffusers", "transformers", "accelerate", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command is None:
+        parser.print_help()
+        return 1
+    if extra and not getattr(args, "allow_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    module = modules[args.command]
+    if module is None:
+        print(f"error: 'datencoder {args.command}' is not available in this version yet", file=sys.stderr)
+        return 2
+    try:
+        return int(module.run(args) or 0)
+    except DatencoderError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
