@@ -72,8 +72,12 @@ class EncoderConfig:
     """Attention projections that receive low-rank offsets."""
     attention_kinds: list[str] = field(default_factory=lambda: ["self", "cross"])
     lora_scale: float = 1.0
+    inference_timestep: int | None = None
+    """Timestep of the denoiser features when predicting for a new image; None = T // 2."""
 
     def __post_init__(self) -> None:
+        if self.trunk_layers < 1:
+            raise DatencoderError(f"encoder.trunk_layers must be >= 1, got {self.trunk_layers}")
         if self.rank < 1:
             raise DatencoderError(f"encoder.rank must be >= 1, got {self.rank}")
         bad = [k for k in self.attention_kinds if k not in ("self", "cross")]

@@ -1,0 +1,90 @@
+"""The concept artifact: everything generation needs, and nothing of the encoder.
+
+A concept folder holds ``concept.safetensors`` (the embedding of S* and the low-rank factors of
+one concept) and ``concept.json`` (placeholder, token, the nearest real word used by the hard
+path, blend weights, base-model identity and the resolved config it was made with).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import Tensor
+
+from .checkpoints import check_base, load_tensors, read_json, save_tensors_atomic, write_json_atomic
+from .errors import DatencoderError
+
+__all__ = ["Concept"]
+
+KIND = "concept"
+
+
+@dataclass
+class Concept:
+    embedding: Tensor
+    """[D] word embedding of S*."""
+    factors: dict[str, tuple[Tensor, Tensor]]
+    """{"<attention module>.<target>": (A [r, in], B [out, r])}."""
+    hard_word: str
+    placeholder: str = "S*"
+    token: str = "<concept>"
+    blend_self: float = 0.5
+    blend_cross: float = 0.5
+    scale: float = 1.0
+    base: dict = field(default_factory=dict)
+    """{"name": ..., "fingerprint": ...} of the base model."""
+    config: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    """Free-form provenance: source image, steps, timings."""
+
+    def batched_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Factors with a leading sample dimension of 1, as the attention processors expect."""
+        return {k: (A.unsqueeze(0), B.unsqueeze(0)) for k, (A, B) in self.factors.items()}
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        tensors = {"embedding": self.embedding}
+        for name, (A, B) in self.factors.items():
+            tensors[f"lora_A.{name}"] = A
+            tensors[f"lora_B.{name}"] = B
+        save_tensors_atomic(directory / f"{KIND}.safetensors", tensors, KIND)
+        write_json_atomic(directory / f"{KIND}.json", {
+            "kind": KIND,
+            "placeholder": self.placeholder,
+            "token": self.token,
+            "hard_word": self.hard_word,
+            "blend_self": self.blend_self,
+            "blend_cross": self.blend_cross,
+            "scale": self.scale,
+            "base": self.base,
+            "config": self.config,
+            "info": self.info,
+            "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, base=None) -> "Concept":
+        """Load a concept; with ``base`` given, refuse one made for another base model."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise DatencoderError(f"concept folder {directory} not found; create it with 'datencoder personalize'")
+        meta = read_json(directory / f"{KIND}.json", KIND)
+        tensors = load_tensors(directory / f"{KIND}.safetensors", KIND)
+        if "embedding" not in tensors:
+            raise DatencoderError(f"{directory} holds no embedding; re-create the concept")
+        factors = {}
+        for key in tensors:
+            if key.startswith("lora_A."):
+                name = key[len("lora_A."):]
+                factors[name] = (tensors[key], tensors[f"lora_B.{name}"])
+        if base is not None:
+            check_base(f"concept {directory}", meta.get("base", {}), base)
+        return cls(
+            embedding=tensors["embedding"], factors=factors, hard_word=meta["hard_word"],
+            placeholder=meta["placeholder"], token=meta["token"], blend_self=meta["blend_self"],
+            blend_cross=meta["blend_cross"], scale=meta["scale"], base=meta.get("base", {}),
+            config=meta.get("config", {}), info=meta.get("info", {}),
+        )

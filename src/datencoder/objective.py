@@ -1,0 +1,129 @@
+"""The training objective: diffusion loss of the adapted model plus the regularisers.
+
+The model owns its loss (k-diffusion style): ``Objective`` returns a dict of *weighted* named
+terms and loops simply sum it, so they never need to know which terms exist. The diffusion
+target follows the scheduler's ``prediction_type`` (epsilon, v_prediction or sample).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attention import AdapterInputs
+from .config import Config
+from .errors import DatencoderError
+from .regularizers import l2_loss, nn_contrastive_loss, norm_loss, offset_l2
+from .tokens import fill_placeholder, inject_embeddings, nearest_tokens, token_word
+
+__all__ = ["Objective", "NoisyLatents", "diffusion_target"]
+
+
+@dataclass
+class NoisyLatents:
+    latents: Tensor  # [N, C, h, w] z_0
+    noise: Tensor  # [N, C, h, w]
+    timesteps: Tensor  # [N]
+    noisy: Tensor  # [N, C, h, w] z_t
+
+
+def diffusion_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise DatencoderError(f"unsupported scheduler prediction_type {kind!r} (epsilon, v_prediction, sample)")
+
+
+class Objective:
+    """Diffusion loss + regularisers for a batch of (concept latents, prompts with S*)."""
+
+    def __init__(self, base, cfg: Config, token_id: int, vocab_ids: Tensor, vocab_table: Tensor):
+        self.base = base
+        self.cfg = cfg
+        self.token_id = token_id
+        self.vocab_ids = vocab_ids
+        self.vocab_table = vocab_table
+        self.target_norm = float(vocab_table.norm(dim=-1).mean())
+        self.anchor: Tensor | None = None
+        if cfg.loss.l2_weight > 0:
+            anchor_word = cfg.loss.l2_anchor or "object"
+            ids = base.tokenizer(anchor_word, add_special_tokens=False)["input_ids"]
+            self.anchor = base.text_encoder.get_input_embeddings().weight[ids].mean(0).detach().float()
+
+    # -- noise ----------------------------------------------------------------------------
+    def add_noise(self, latents: Tensor, generator: torch.Generator | None = None,
+                  timesteps: Tensor | None = None) -> NoisyLatents:
+        n = latents.shape[0]
+        sched = self.base.scheduler
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        if timesteps is None:
+            timesteps = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=generator)
+        timesteps = timesteps.to(latents.device).long()
+        return NoisyLatents(latents, noise, timesteps, sched.add_noise(latents, noise, timesteps))
+
+    # -- prompts --------------------------------------------------------------------------
+    def hard_words(self, embedding: Tensor) -> list[str]:
+        """The nearest real word of each embedding (no gradient)."""
+        index, _ = nearest_tokens(embedding.detach(), self.vocab_table, 1)
+        return [token_word(self.base.tokenizer, self.vocab_ids[i]) for i in index[:, 0].tolist()]
+
+    def soft_states(self, prompts: list[str], embedding: Tensor) -> Tensor:
+        placeholder, token = self.cfg.model.placeholder, self.cfg.model.token
+        ids = self.base.tokenize([fill_placeholder(p, placeholder, token) for p in prompts])
+        with inject_embeddings(self.base.text_encoder, self.token_id, embedding):
+            return self.base.encode_prompt(ids.to(embedding.device))
+
+    @torch.no_grad()
+    def hard_states(self, prompts: list[str], words: list[str]) -> Tensor:
+        placeholder = self.cfg.model.placeholder
+        ids = self.base.tokenize([fill_placeholder(p, placeholder, w) for p, w in zip(prompts, words)])
+        return self.base.encode_prompt(ids.to(self.base.unet.device))
+
+    def adapter_inputs(self, factors, hard: Tensor | None) -> AdapterInputs:
+        dp = self.cfg.dual_path
+        return AdapterInputs(factors=factors, hard_states=hard, blend_self=dp.blend_self,
+                             blend_cross=dp.blend_cross, scale=self.cfg.encoder.lora_scale)
+
+    # -- loss -----------------------------------------------------------------------------
+    def __call__(self, batch: NoisyLatents, prompts: list[str], embedding: Tensor,
+                 factors: dict[str, tuple[Tensor, Tensor]], dual_path: bool,
+                 generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        loss_cfg = self.cfg.loss
+        soft = self.soft_states(prompts, embedding)
+        hard = self.hard_states(prompts, self.hard_words(embedding)) if dual_path else None
+        unet = self.base.unet
+        pred = unet(batch.noisy.to(unet.dtype), batch.timesteps, soft.to(unet.dtype),
+                    cross_attention_kwargs={"adapter": self.adapter_inputs(factors, hard)}).sample
+        target = diffusion_target(self.base.scheduler, batch.latents, batch.noise, batch.timesteps)
+        mse = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # [N]
+        terms = {"diffusion": (mse * self._snr_weights(batch.timesteps)).mean()}
+        if loss_cfg.contrastive_weight > 0:
+            terms["contrastive"] = loss_cfg.contrastive_weight * nn_contrastive_loss(
+                embedding.float(), self.vocab_table.to(embedding.device), loss_cfg.tau,
+                loss_cfg.num_negatives, loss_cfg.top_k_positives, generator)
+        if loss_cfg.norm_weight > 0:
+            terms["norm"] = loss_cfg.norm_weight * norm_loss(embedding.float(), self.target_norm)
+        if loss_cfg.l2_weight > 0 and self.anchor is not None:
+            terms["l2"] = loss_cfg.l2_weight * l2_loss(embedding.float(), self.anchor)
+        if loss_cfg.lora_weight > 0:
+            terms["offsets"] = loss_cfg.lora_weight * offset_l2(factors)
+        return terms
+
+    def _snr_weights(self, timesteps: Tensor) -> Tensor:
+        """Min-SNR-gamma weighting (Hang et al. 2023); ones when ``loss.snr_gamma`` is unset."""
+        gamma = self.cfg.loss.snr_gamma
+        if gamma is None:
+            return torch.ones(timesteps.shape, device=timesteps.device)
+        alphas = self.base.scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+        snr = alphas / (1 - alphas)
+        weight = torch.minimum(snr, torch.full_like(snr, gamma)) / snr
+        if self.base.scheduler.config.prediction_type == "v_prediction":
+            weight = torch.minimum(snr, torch.full_like(snr, gamma)) / (snr + 1)
+        return weight

@@ -1,0 +1,88 @@
+"""Generation with a concept: a thin layer over diffusers' StableDiffusionPipeline.
+
+The soft prompt (S* -> the concept's embedding) goes in as ``prompt_embeds``; the hard prompt
+(S* -> the nearest real word) and the low-rank factors travel to the dual-path processors
+through ``cross_attention_kwargs``, so the sampler is diffusers' own and sampling is the exact
+dual-path model the concept was tuned with. Without a concept it is the plain base model.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+from PIL import Image
+
+from .attention import AdapterInputs
+from .base import BaseModel
+from .checkpoints import check_base
+from .concept import Concept
+from .errors import DatencoderError
+from .system import prepare_base
+from .tokens import fill_placeholder, inject_embeddings
+
+__all__ = ["ConceptPipeline"]
+
+SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
+
+
+class ConceptPipeline:
+    def __init__(self, base: BaseModel, concept: Concept | None = None, scheduler: str = "ddim"):
+        if scheduler not in SCHEDULERS:
+            raise DatencoderError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        self.base = base
+        self.concept = concept
+        self.token_id = None
+        base.freeze()
+        if concept is not None:
+            check_base("the concept", concept.base, base)
+            self.token_id = prepare_base(base, concept.token)
+        self.pipe = StableDiffusionPipeline(
+            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+            scheduler=SCHEDULERS[scheduler].from_config(base.scheduler.config), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+
+    @torch.no_grad()
+    def _states(self, prompt: str, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Soft and hard prompt states, [n, L, D] each (hard is None without a concept)."""
+        concept = self.concept
+        if concept is None:
+            return self.base.encode_prompt(self.base.tokenize([prompt] * n)), None
+        soft_ids = self.base.tokenize([fill_placeholder(prompt, concept.placeholder, concept.token)] * n)
+        with inject_embeddings(self.base.text_encoder, self.token_id, concept.embedding.unsqueeze(0)):
+            soft = self.base.encode_prompt(soft_ids)
+        hard = self.base.encode_prompt(self.base.tokenize([prompt.replace(concept.placeholder, concept.hard_word)] * n))
+        return soft, hard
+
+    def __call__(self, prompt: str, num_images: int = 4, num_inference_steps: int = 25,
+                 guidance_scale: float = 7.5, negative_prompt: str = "", seed: int | None = 0,
+                 generator: torch.Generator | None = None, dual_path: bool = True,
+                 output_type: str = "pil", callback=None) -> list[Image.Image] | torch.Tensor:
+        if num_images < 1 or num_inference_steps < 1:
+            raise DatencoderError("num_images and num_inference_steps must be at least 1")
+        if generator is None and seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+        soft, hard = self._states(prompt, num_images)
+        negative = self.base.encode_prompt(self.base.tokenize([negative_prompt] * num_images))
+        kwargs = None
+        concept = self.concept
+        if concept is not None:
+            use_dual = dual_path and (concept.blend_self < 1 or concept.blend_cross < 1)
+            if use_dual and guidance_scale > 1:
+                hard = torch.cat([negative, hard])  # diffusers batches [uncond, cond]
+            kwargs = {"adapter": AdapterInputs(
+                factors=concept.batched_factors(), hard_states=hard if use_dual else None,
+                blend_self=concept.blend_self, blend_cross=concept.blend_cross, scale=concept.scale)}
+        step_cb = None
+        if callback is not None:
+            def step_cb(pipe, i, t, tensors):
+                callback(i, num_inference_steps)
+                return tensors
+        out = self.pipe(
+            prompt_embeds=soft, negative_prompt_embeds=negative, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, generator=generator, height=self.base.resolution,
+            width=self.base.resolution, cross_attention_kwargs=kwargs, output_type=output_type,
+            callback_on_step_end=step_cb,
+        )
+        return out.images

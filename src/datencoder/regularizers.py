@@ -1,0 +1,54 @@
+"""Regularisers of the predicted embedding and offsets.
+
+``nn_contrastive_loss`` is the paper's nearest-neighbour contrastive term (METHOD.md): each
+predicted embedding v_i is pulled toward its nearest real word T[n_i] and pushed away from the
+nearest words of the other concepts in the batch and from K random words (InfoNCE):
+
+    L_i = -log( sum_{p in P_i} exp(cos(v_i, T_p)/tau) / sum_{c in C} exp(cos(v_i, T_c)/tau) )
+
+with P_i the top-k nearest words of v_i (k=1: just n_i; no gradient through the argmax) and C
+the union of every P_j in the batch and the K random words.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .tokens import nearest_tokens
+
+__all__ = ["nn_contrastive_loss", "norm_loss", "l2_loss", "offset_l2"]
+
+
+def nn_contrastive_loss(v: Tensor, table: Tensor, tau: float = 0.07, num_negatives: int = 256,
+                        top_k: int = 1, generator: torch.Generator | None = None) -> Tensor:
+    """v: [N, D] predicted embeddings; table: [V, D] real-word embeddings -> scalar loss."""
+    with torch.no_grad():
+        positives, _ = nearest_tokens(v, table, top_k)  # [N, k]
+        candidates = positives.flatten()
+        if num_negatives > 0:
+            extra = torch.randint(0, table.shape[0], (num_negatives,), generator=generator)
+            candidates = torch.cat([candidates, extra.to(candidates.device)])
+        candidates = torch.unique(candidates)  # [C]: a word shared by two concepts counts once
+        is_positive = (candidates.unsqueeze(0).unsqueeze(-1) == positives.unsqueeze(1)).any(-1)  # [N, C]
+    cand = F.normalize(table[candidates].to(v.dtype), dim=-1)  # [C, D]
+    logits = F.normalize(v, dim=-1) @ cand.T / tau  # [N, C]
+    pos = logits.masked_fill(~is_positive, float("-inf")).logsumexp(-1)
+    return (logits.logsumexp(-1) - pos).mean()
+
+
+def norm_loss(v: Tensor, target_norm: float) -> Tensor:
+    """Keep |v| near the mean norm of real word embeddings (relative squared error)."""
+    return ((v.norm(dim=-1) - target_norm) / target_norm).pow(2).mean()
+
+
+def l2_loss(v: Tensor, anchor: Tensor) -> Tensor:
+    """E4T-style L2 pull toward an anchor embedding (the single-domain baseline)."""
+    return (v - anchor.to(v)).pow(2).sum(-1).mean()
+
+
+def offset_l2(factors: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
+    """Mean squared norm of the B factors (the part the encoder predicts)."""
+    terms = [B.pow(2).mean() for _, B in factors.values()]
+    return torch.stack(terms).mean() if terms else torch.zeros(())

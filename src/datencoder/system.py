@@ -1,0 +1,124 @@
+"""The encoder system: base model + frozen feature paths + tuning encoder + objective.
+
+One object wires the paper's components together for both pre-training (``training_terms``)
+and personalisation (``predict``; the tuning loop lives in ``tuning.py``). Encoders are saved
+as a folder (``encoder.safetensors`` + ``encoder.json``) that records the resolved config and
+the base model's identity.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .attention import DualPathProcessor, install_processors
+from .base import BaseModel, load_base
+from .checkpoints import check_base, load_tensors, read_json, save_tensors_atomic, write_json_atomic
+from .config import Config, from_dict, to_dict
+from .encoder import EncoderOutput, TuningEncoder, target_layer_shapes
+from .features import FeatureExtractor
+from .objective import NoisyLatents, Objective
+from .tokens import add_placeholder, vocabulary
+
+__all__ = ["EncoderSystem", "prepare_base"]
+
+KIND = "encoder"
+
+
+def prepare_base(base: BaseModel, token: str) -> int:
+    """Freeze the base, add the placeholder token and install the dual-path processors (idempotent)."""
+    base.freeze()
+    token_id = add_placeholder(base.tokenizer, base.text_encoder, token)
+    if not all(isinstance(p, DualPathProcessor) for p in base.unet.attn_processors.values()):
+        install_processors(base.unet)
+    return token_id
+
+
+class EncoderSystem:
+    def __init__(self, base: BaseModel, cfg: Config, encoder: TuningEncoder | None = None):
+        self.base = base
+        self.cfg = cfg
+        # the real-word table is taken before the placeholder is added, so S* is never a neighbour
+        self.vocab_ids, self.vocab_table = vocabulary(base.tokenizer, base.text_encoder, cfg.loss.whole_words_only)
+        self.token_id = prepare_base(base, cfg.model.token)
+        self.features = FeatureExtractor(base, cfg.encoder)
+        if encoder is None:
+            encoder = TuningEncoder(
+                cfg.encoder, self.features.width, self.vocab_table.shape[1],
+                target_layer_shapes(base.unet, cfg.encoder), init_embedding=self.vocab_table.mean(0),
+            )
+        self.encoder = encoder
+        self.objective = Objective(base, cfg, self.token_id, self.vocab_ids, self.vocab_table)
+
+    # -- building blocks ------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_latents(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """[N, 3, H, W] in [-1, 1] -> scaled latents [N, C, h, w]."""
+        vae = self.base.vae
+        dist = vae.encode(pixels.to(vae.dtype)).latent_dist
+        latents = dist.sample(generator=generator)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).float()
+
+    def run_encoder(self, pixels: Tensor, batch: NoisyLatents) -> EncoderOutput:
+        feats = self.features(pixels, batch.noisy, batch.timesteps)
+        return self.encoder(feats, batch.timesteps)
+
+    # -- pre-training ---------------------------------------------------------------------
+    def training_terms(self, pixels: Tensor, prompts: list[str],
+                       generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Named, weighted loss terms of one pre-training batch (prompts contain S*)."""
+        latents = self.encode_latents(pixels, generator)
+        batch = self.objective.add_noise(latents, generator)
+        out = self.run_encoder(pixels, batch)
+        dual = self.cfg.dual_path.enabled and self.cfg.dual_path.in_pretraining
+        return self.objective(batch, prompts, out.embedding, out.factors, dual, generator)
+
+    # -- personalisation ------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, pixels: Tensor, generator: torch.Generator | None = None) -> EncoderOutput:
+        """The encoder's prediction for concept images at the fixed inference timestep."""
+        latents = self.encode_latents(pixels, generator)
+        t = self.cfg.encoder.inference_timestep
+        if t is None:
+            t = self.base.scheduler.config.num_train_timesteps // 2
+        timesteps = torch.full((latents.shape[0],), t, dtype=torch.long)
+        return self.run_encoder(pixels, self.objective.add_noise(latents, generator, timesteps))
+
+    # -- persistence ----------------------------------------------------------------------
+    def save(self, directory: str | Path, info: dict | None = None) -> Path:
+        directory = Path(directory)
+        save_tensors_atomic(directory / f"{KIND}.safetensors", self.encoder.state_dict(), KIND)
+        write_json_atomic(directory / f"{KIND}.json", {
+            "kind": KIND,
+            "config": to_dict(self.cfg),
+            "base": {"name": self.base.name, "fingerprint": self.base.fingerprint},
+            "feature_width": self.features.width,
+            "token_dim": self.encoder.token_dim,
+            "info": info or {},
+        })
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, base: BaseModel | None = None, overrides: dict | None = None) -> "EncoderSystem":
+        """Load a saved encoder; the base model is loaded from its config unless given."""
+        directory = Path(directory)
+        meta = read_json(directory / f"{KIND}.json", KIND)
+        state = load_tensors(directory / f"{KIND}.safetensors", KIND)
+        cfg_data = meta["config"]
+        for section, values in (overrides or {}).items():
+            cfg_data[section] = {**cfg_data.get(section, {}), **values}
+        cfg = from_dict(Config, cfg_data)
+        if base is None:
+            base = load_base(cfg.model.pretrained, cfg.model.image_tower, revision=cfg.model.revision)
+        check_base(f"encoder {directory}", meta["base"], base)
+        system = cls(base, cfg)
+        missing, unexpected = system.encoder.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            from .errors import DatencoderError
+
+            raise DatencoderError(f"encoder {directory} does not match its config "
+                                  f"(missing {missing[:2]}, unexpected {unexpected[:2]}); re-train or re-download it")
+        return system
