@@ -142,6 +142,8 @@ class DataConfig:
     manifest: str | None = None
     """Optional JSONL manifest (emoji data set): only rows whose split is in ``splits`` are used."""
     splits: list[str] = field(default_factory=lambda: ["train"])
+    use_source: bool = False
+    """With a manifest: train on each row's clean ``source`` render instead of its composed ``file``."""
     num_workers: int = 0
 
 
@@ -153,11 +155,17 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-4
     warmup_steps: int = 100
+    lr_schedule: str = "constant"
+    """After the linear warm-up: 'constant' or 'cosine' (decays to 0 at ``steps``)."""
     weight_decay: float = 0.0
     mixed_precision: str = "no"
     """'no', 'bf16' or 'fp16' (accelerate)."""
     checkpoint_every: int = 200
     sample_every: int = 0
+    """Steps between sample grids (0: never): encoder-only concepts of fixed training images."""
+    sample_concepts: int = 2
+    """Training images (evenly spaced in the data set) personalised in each sample grid."""
+    sample_prompts: list[str] = field(default_factory=lambda: ["a photo of S*", "S* on the beach"])
     log_every: int = 10
     seed: int = 0
     max_grad_norm: float = 1.0
@@ -167,6 +175,8 @@ class TrainConfig:
             raise DatencoderError(
                 f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}"
             )
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise DatencoderError(f"train.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
 
 
 @dataclass
