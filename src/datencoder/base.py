@@ -24,10 +24,15 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import DatencoderError
+
+if TYPE_CHECKING:  # diffusers/transformers import in seconds; load them only when loading a model
+    from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["BaseModel", "load_base", "base_fingerprint", "DEFAULT_BASE"]
 
@@ -55,12 +60,12 @@ _VOLATILE_KEYS = {"dtype", "torch_dtype", "transformers_version", "name_or_path"
 class BaseModel:
     """The frozen components of a text-to-image model plus what the method needs to know about them."""
 
-    vae: "AutoencoderKL"  # noqa: F821 (diffusers types imported lazily)
-    unet: "UNet2DConditionModel"  # noqa: F821
-    scheduler: "SchedulerMixin"  # noqa: F821  training noise scheduler (DDPM with the model's betas)
-    tokenizer: "PreTrainedTokenizerBase"  # noqa: F821
-    text_encoder: "PreTrainedModel"  # noqa: F821
-    image_tower: "PreTrainedModel | None"  # noqa: F821
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    scheduler: SchedulerMixin  # training noise scheduler: DDPM with the model's betas and target
+    tokenizer: PreTrainedTokenizerBase
+    text_encoder: PreTrainedModel  # forward(input_ids)[0] is the last hidden state [B, L, D]
+    image_tower: PreTrainedModel | None
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
     image_size: int

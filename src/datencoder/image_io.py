@@ -89,7 +89,8 @@ def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     width, height = image.size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
-    square = image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+    # Crop first: resize(box=...) would let the filter read pixels outside the crop.
+    square = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
     array = np.array(square, dtype=np.float32)  # [H, W, 3] in 0..255
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0  # [3, H, W] in [-1, 1]
 

@@ -1,0 +1,30 @@
+"""Shared pytest fixtures.
+
+--- Foundation fixtures (base model, image I/O helper): keep these at the top. ---
+The tiny base models are real diffusers-layout folders with random weights, built once per
+session by ``datencoder.testing.build_tiny_base`` (well under a second each).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from datencoder.testing import build_tiny_base  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory):
+    """Tiny SD-family model with a BERT text encoder (like the MiniLM default)."""
+    return build_tiny_base(tmp_path_factory.mktemp("tiny") / "bert-base", seed=0, text_encoder="bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_base_dir(tmp_path_factory):
+    """Tiny SD-family model with a CLIP text encoder (like Stable Diffusion 1.x)."""
+    return build_tiny_base(tmp_path_factory.mktemp("tiny") / "clip-base", seed=0, text_encoder="clip")
+
+# --- Fixtures added by the method modules go below. ---
