@@ -1,0 +1,1 @@
+"""Training data sets (``datencoder data ...``): builders and their pure helpers."""
