@@ -1,0 +1,129 @@
+"""Pre-training images: a folder of images (any domain, no labels) or the rows of a JSONL manifest.
+
+The encoder is pre-trained on a broad image set with no domain labels and no masks (METHOD.md).
+Each item is one augmented view of one image plus a prompt template holding S*. All randomness
+of an item comes from the generator the caller passes, so a training loop that seeds it from the
+item's position in its data stream reproduces every item exactly after a resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..augment import augment_views
+from ..errors import DatencoderError
+from ..image_io import image_to_tensor, load_image
+
+__all__ = ["ImageFolderDataset", "scan_images", "read_manifest_files"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def scan_images(root: str | Path, extensions=DEFAULT_EXTENSIONS) -> list[Path]:
+    """Every image file under ``root`` (recursive), sorted by relative path so the order is fixed."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatencoderError(f"data folder {root} does not exist; set data.root to a folder of images")
+    exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
+    files = [p for p in root.rglob("*") if p.suffix.lower() in exts and p.is_file()]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def read_manifest_files(manifest: str | Path, splits, use_source: bool = False) -> list[Path]:
+    """Image paths of the manifest rows whose ``split`` is in ``splits`` (relative to its folder)."""
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise DatencoderError(f"manifest {manifest} not found; set data.manifest to a JSONL file")
+    key = "source" if use_source else "file"
+    wanted, files, seen = set(splits), [], set()
+    with manifest.open() as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise DatencoderError(f"{manifest} line {number} is not valid JSON; rebuild the manifest") from None
+            if row.get("split") not in wanted:
+                continue
+            if key not in row:
+                raise DatencoderError(f"{manifest} line {number} has no '{key}' key; "
+                                      f"set data.use_source={'false' if use_source else 'true'} or rebuild it")
+            path = manifest.parent / row[key]
+            # Clean sources are shared by several composed rows: each source image counts once.
+            if path not in seen:
+                seen.add(path)
+                files.append(path)
+    return files
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """``dataset.item(i, generator)`` -> (pixels [3, S, S] in [-1, 1], prompt with S*).
+
+    ``dataset[i]`` is the same with a generator seeded by ``i`` (for a plain DataLoader).
+    """
+
+    def __init__(self, root: str | Path, resolution: int, templates: list[str],
+                 extensions=DEFAULT_EXTENSIONS, manifest: str | Path | None = None,
+                 splits=("train",), use_source: bool = False, hflip: bool = True,
+                 scale_min: float = 1.0):
+        if resolution < 0:
+            raise DatencoderError(f"data resolution must be >= 1 (or 0: set later), got {resolution}")
+        if not templates:
+            raise DatencoderError("data.templates is empty; give at least one prompt template with S*")
+        if manifest:
+            self.files = read_manifest_files(manifest, splits, use_source)
+            where = f"manifest {manifest} (splits {list(splits)})"
+        else:
+            if not str(root):
+                raise DatencoderError("data.root is empty; set data.root=FOLDER or data.manifest=FILE.jsonl")
+            self.files = scan_images(root, extensions)
+            where = f"folder {root}"
+        if not self.files:
+            raise DatencoderError(f"no images in {where}; add {'/'.join(extensions)} files or fix the path")
+        # 0 = not known yet: the recipe scans the data before loading the (large) base model, then
+        # sets the base's resolution.
+        self.resolution = resolution
+        self.templates = list(templates)
+        self.hflip = hflip
+        self.scale_min = scale_min
+        self._bad: set[int] = set()
+        log.info("%d training images from %s", len(self.files), where)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def clean(self, index: int) -> Tensor:
+        """The image at ``index`` (or the next readable one) without augmentation: [3, S, S]."""
+        if self.resolution < 1:
+            raise DatencoderError("set the dataset's resolution before reading images")
+        n = len(self.files)
+        for offset in range(n):
+            i = (index + offset) % n
+            if i in self._bad:
+                continue
+            # Small images are upsampled rather than refused, unless they are tiny icons.
+            min_size = min(32, self.resolution)
+            try:
+                return image_to_tensor(load_image(self.files[i], min_size=min_size), self.resolution)
+            except DatencoderError as err:
+                # A bad file is skipped for the whole run; the substitute is always the next
+                # readable file, so the data order stays a pure function of the positions.
+                self._bad.add(i)
+                log.warning("skipping unreadable training image: %s", err)
+        raise DatencoderError(f"none of the {n} training images is readable; check the data folder")
+
+    def item(self, index: int, generator: torch.Generator) -> tuple[Tensor, str]:
+        pixels = augment_views(self.clean(index), 1, generator, self.hflip, self.scale_min)[0]
+        pick = int(torch.randint(0, len(self.templates), (), generator=generator))
+        return pixels, self.templates[pick]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, str]:
+        return self.item(index, torch.Generator().manual_seed(index))

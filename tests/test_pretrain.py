@@ -1,0 +1,181 @@
+"""Pre-training recipe: exact resume, shipped configs, the CLI, data set behaviour."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from datencoder.config import Config, TrainConfig, load_config, shipped_configs_dir
+from datencoder.data.folder import ImageFolderDataset
+from datencoder.errors import DatencoderError
+from datencoder.recipes import cli
+from datencoder.recipes.pretrain import lr_factor, train
+
+TEMPLATES = ["a photo of S*", "S*"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core machine: extra threads only spin against other processes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain_images")
+    rng = np.random.default_rng(0)
+    (root / "nested").mkdir()
+    for i in range(4):
+        folder = root / "nested" if i % 2 else root
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return root
+
+
+def _tiny_cfg(base_dir, image_dir, out, **train) -> Config:
+    overrides = [f"model.pretrained={base_dir}", f"data.root={image_dir}", f"train.output_dir={out}"]
+    overrides += [f"train.{k}={v}" for k, v in train.items()]
+    return load_config("tiny", overrides)
+
+
+def test_resume_is_bit_identical(tiny_base_dir, image_dir, tmp_path):
+    settings = dict(steps=4, checkpoint_every=2, grad_accum=2, lr_schedule="cosine", warmup_steps=1)
+    straight = train(_tiny_cfg(tiny_base_dir, image_dir, tmp_path / "straight", **settings))
+    assert straight.step == 4
+    cut = _tiny_cfg(tiny_base_dir, image_dir, tmp_path / "cut", **settings)
+    first = train(cut, max_steps=2)
+    assert first.step == 2 and first.steps_this_run == 2
+    with pytest.raises(DatencoderError, match="--resume"):
+        train(cut)  # refuses to overwrite a checkpoint silently
+    second = train(cut, resume=True)
+    assert second.step == 4 and second.steps_this_run == 2
+
+    a = load_file(str(tmp_path / "straight" / "encoder" / "encoder.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "encoder" / "encoder.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The log of the resumed run continues the first one, without duplicated steps.
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    ckpt = json.loads((tmp_path / "cut" / "checkpoint" / "checkpoint.json").read_text())
+    assert ckpt["step"] == 4 and ckpt["position"] == 4 * 2 * 2
+
+
+def test_training_changes_the_encoder(tiny_base_dir, image_dir, tmp_path):
+    """Guards the resume test against a loop that never updates: step 2 differs from step 4."""
+    cfg = _tiny_cfg(tiny_base_dir, image_dir, tmp_path / "run", steps=4, checkpoint_every=2)
+    train(cfg, max_steps=2)
+    at2 = load_file(str(tmp_path / "run" / "encoder" / "encoder.safetensors"))
+    train(cfg, resume=True)
+    at4 = load_file(str(tmp_path / "run" / "encoder" / "encoder.safetensors"))
+    assert any(not torch.equal(at2[k], at4[k]) for k in at2)
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(steps=10, warmup_steps=4, lr_schedule="cosine")
+    factors = [lr_factor(s, cfg) for s in range(10)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == 1.0 and all(x > y for x, y in zip(factors[4:], factors[5:]))
+    assert lr_factor(10, cfg) == pytest.approx(0.0)
+    assert lr_factor(7, TrainConfig(steps=10, warmup_steps=4)) == 1.0
+
+
+def _config_classes() -> dict[str, type]:
+    from datencoder.minisd.config import UNetStageConfig, VAEStageConfig
+    from datencoder.recipes.minisd_extra import EvaluatorStageConfig, TowerStageConfig
+
+    return {
+        "tiny.yaml": Config, "minisd_encoder.yaml": Config, "sd15.yaml": Config,
+        "minisd_vae.yaml": VAEStageConfig, "minisd_unet.yaml": UNetStageConfig,
+        "minisd_tower.yaml": TowerStageConfig, "minisd_evaluator.yaml": EvaluatorStageConfig,
+    }
+
+
+def test_every_shipped_config_loads():
+    classes = _config_classes()
+    files = sorted(p.name for p in shipped_configs_dir().glob("*.yaml"))
+    unknown = [name for name in files if name not in classes]
+    assert not unknown, f"register new configs with their dataclass in this test: {unknown}"
+    for name in files:
+        cfg = load_config(shipped_configs_dir() / name, cls=classes[name])
+        assert isinstance(cfg, classes[name])
+
+
+def test_cli_pretrain_writes_an_encoder(tiny_base_dir, image_dir, tmp_path):
+    out = tmp_path / "cli"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "datencoder.recipes.cli", "pretrain", "configs/tiny.yaml",
+           f"model.pretrained={tiny_base_dir}", f"data.root={image_dir}", "train.steps=3",
+           f"train.output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "encoder" / "encoder.safetensors").is_file()
+    assert "3 steps" in proc.stdout or "step 3/3" in proc.stdout
+    meta = json.loads((out / "encoder" / "encoder.json").read_text())
+    assert meta["config"]["train"]["steps"] == 3 and meta["info"]["complete"] is True
+
+
+@pytest.mark.parametrize("problem", ["empty_folder", "unknown_key"])
+def test_cli_errors_are_one_line(problem, tiny_base_dir, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    args = ["pretrain", "tiny", f"model.pretrained={tiny_base_dir}", f"data.root={empty}",
+            f"train.output_dir={tmp_path / 'out'}"]
+    if problem == "unknown_key":
+        args.append("train.stepz=3")
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+    assert ("no images" in err) if problem == "empty_folder" else ("train.stepz" in err)
+
+
+def test_dataset_scan_items_and_bad_files(image_dir, tmp_path, caplog):
+    ds = ImageFolderDataset(image_dir, 32, TEMPLATES)
+    assert [p.relative_to(image_dir).as_posix() for p in ds.files] == \
+        ["img0.png", "img2.png", "nested/img1.png", "nested/img3.png"]
+    pixels, prompt = ds.item(1, torch.Generator().manual_seed(5))
+    again, prompt2 = ds.item(1, torch.Generator().manual_seed(5))
+    assert pixels.shape == (3, 32, 32) and pixels.min() >= -1 and pixels.max() <= 1
+    assert torch.equal(pixels, again) and prompt == prompt2 and prompt in TEMPLATES
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a_bad.png").write_bytes(b"not a png")
+    Image.open(image_dir / "img0.png").save(broken / "b_good.png")
+    ds = ImageFolderDataset(broken, 32, TEMPLATES)
+    with caplog.at_level(logging.WARNING):
+        substitute = ds.clean(0)  # the unreadable file is replaced by the next readable one
+    assert torch.equal(substitute, ds.clean(1))
+    assert "a_bad.png" in caplog.text
+
+
+def test_dataset_manifest_splits_and_sources(tmp_path):
+    for folder in ("images", "sources"):
+        (tmp_path / folder).mkdir()
+    rows = []
+    for i, split in enumerate(["train", "train", "val"]):
+        Image.new("RGB", (40, 40), (i * 60, 0, 0)).save(tmp_path / "images" / f"{i}.png")
+        Image.new("RGB", (40, 40), (0, 0, 200)).save(tmp_path / "sources" / f"{i // 2}.png")
+        rows.append({"file": f"images/{i}.png", "source": f"sources/{i // 2}.png", "split": split})
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = ImageFolderDataset("", 32, TEMPLATES, manifest=manifest, splits=["train"])
+    assert [p.name for p in ds.files] == ["0.png", "1.png"]
+    sources = ImageFolderDataset("", 32, TEMPLATES, manifest=manifest, splits=["train"], use_source=True)
+    assert [p.relative_to(tmp_path).as_posix() for p in sources.files] == ["sources/0.png"]
+    with pytest.raises(DatencoderError, match="no images"):
+        ImageFolderDataset("", 32, TEMPLATES, manifest=manifest, splits=["test"])
