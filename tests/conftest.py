@@ -10,8 +10,14 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine oversubscribed
+# threads make each step ~20x slower; subprocesses inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 from datencoder.testing import build_tiny_base  # noqa: E402
 

@@ -115,7 +115,7 @@ def nearest_tokens(vectors: Tensor, table: Tensor, k: int = 1) -> tuple[Tensor, 
 
 def token_word(tokenizer, token_id: int) -> str:
     """The text of a vocabulary token, as it would be written in a prompt."""
-    return tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(int(token_id))]).strip()
+    return tokenizer.decode([int(token_id)], skip_special_tokens=True, clean_up_tokenization_spaces=True).strip()
 
 
 def fill_placeholder(prompt: str, placeholder: str, replacement: str) -> str:

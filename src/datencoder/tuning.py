@@ -68,7 +68,7 @@ def personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig | None =
                 loss.backward()
                 optimizer.step()
             if callback is not None:
-                callback(step, {"loss": float(loss), **{k: float(v) for k, v in terms.items()}})
+                callback(step, {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}})
     done = time.perf_counter()
 
     hard_word = system.objective.hard_words(embedding.detach())[0]

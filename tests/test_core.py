@@ -1,0 +1,248 @@
+"""Invariants of the method core on a tiny real SD-family model (STYLE.md, point 9)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from datencoder.attention import AdapterInputs, DualPathProcessor, install_processors, remove_processors
+from datencoder.base import load_base
+from datencoder.concept import Concept
+from datencoder.config import Config, from_dict
+from datencoder.lora import delta_weight, lora_linear
+from datencoder.objective import diffusion_target
+from datencoder.regularizers import nn_contrastive_loss
+from datencoder.system import EncoderSystem
+from datencoder.tuning import personalize
+
+
+def make_system(base_dir, **sections) -> EncoderSystem:
+    data = {"model": {"pretrained": str(base_dir)}, "encoder": {"tower_layers": [-1, -2], "hidden_dim": 64},
+            "tune": {"batch_size": 2}}
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values}
+    cfg = from_dict(Config, data)
+    return EncoderSystem(load_base(str(base_dir)), cfg)
+
+
+def unet_inputs(base, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = base.unet.config.sample_size
+    latents = torch.randn(batch, base.unet.config.in_channels, size, size, generator=g)
+    states = base.encode_prompt(base.tokenize(["a photo of a red apple"] * batch))
+    return latents, torch.tensor([10, 500][:batch] * (batch // 2 or 1))[:batch], states
+
+
+def random_factors(system, n, seed=0, std=0.2):
+    g = torch.Generator().manual_seed(seed)
+    out = system.encoder.hypernetwork(torch.zeros(n, system.cfg.encoder.hidden_dim))
+    return {k: (A + std * torch.randn(A.shape, generator=g), std * torch.randn(B.shape, generator=g))
+            for k, (A, B) in out.items()}
+
+
+@pytest.fixture(scope="module")
+def system(tiny_base_dir):
+    return make_system(tiny_base_dir)
+
+
+def test_lora_linear_matches_dense_offset():
+    lin = torch.nn.Linear(6, 5)
+    A, B = torch.randn(3, 2, 6), torch.randn(3, 5, 2)
+    x = torch.randn(6, 4, 6)  # 2x the factor batch, as under classifier-free guidance
+    got = lora_linear(lin, x, A, B, scale=0.7)
+    for i in range(6):
+        w = lin.weight + delta_weight(A[i % 3], B[i % 3], 0.7)
+        torch.testing.assert_close(got[i], x[i] @ w.T + lin.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_untrained_encoder_leaves_unet_bit_identical(tiny_base_dir, system):
+    vanilla = load_base(str(tiny_base_dir)).freeze()
+    latents, t, states = unet_inputs(vanilla)
+    with torch.no_grad():
+        expected = vanilla.unet(latents, t, states).sample
+        pixels = torch.rand(2, 3, system.base.resolution, system.base.resolution) * 2 - 1
+        out = system.predict(pixels, torch.Generator().manual_seed(0))
+        assert all(torch.count_nonzero(B) == 0 for _, B in out.factors.values())
+        for hard in (None, states):  # single path, and dual path with an identical hard prompt
+            got = system.base.unet(latents, t, states, cross_attention_kwargs={"adapter": AdapterInputs(
+                factors=out.factors, hard_states=hard, blend_self=0.3, blend_cross=0.6)}).sample
+            assert torch.equal(got, expected)
+
+
+def test_processor_install_then_removal_restores_output(tiny_base_dir):
+    base = load_base(str(tiny_base_dir)).freeze()
+    latents, t, states = unet_inputs(base)
+    with torch.no_grad():
+        before = base.unet(latents, t, states).sample
+        previous = install_processors(base.unet)
+        assert all(isinstance(p, DualPathProcessor) for p in base.unet.attn_processors.values())
+        remove_processors(base.unet, previous)
+        assert not any(isinstance(p, DualPathProcessor) for p in base.unet.attn_processors.values())
+        assert torch.equal(base.unet(latents, t, states).sample, before)
+
+
+def _one_attention(system, cross: bool):
+    name = next(n for n, p in system.base.unet.attn_processors.items() if p.is_cross == cross)
+    return system.base.unet.get_submodule(name[: -len(".processor")])
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_dual_path_is_the_linear_blend_and_a1_is_single_path(system, cross):
+    attn = _one_attention(system, cross)
+    factors = random_factors(system, 2, seed=1)
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 16, attn.to_q.in_features, generator=g)
+    ctx_dim = attn.to_k.in_features
+    soft, hard = torch.randn(2, 5, ctx_dim, generator=g), torch.randn(2, 5, ctx_dim, generator=g)
+    context = soft if cross else None
+
+    def run(a, hard_states):
+        return attn(h, encoder_hidden_states=context,
+                    adapter=AdapterInputs(factors, hard_states, blend_self=a, blend_cross=a))
+
+    with torch.no_grad():
+        single = attn(h, encoder_hidden_states=context, adapter=AdapterInputs(factors))
+        torch.testing.assert_close(run(1.0, hard), single, rtol=0, atol=0)
+        vanilla = attn(h, encoder_hidden_states=hard if cross else None)
+        torch.testing.assert_close(run(0.0, hard), vanilla, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(run(0.3, hard), 0.3 * single + 0.7 * vanilla, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(single, vanilla, atol=1e-4)  # the offsets do act
+
+
+def test_batch_with_per_sample_offsets_equals_samples_one_by_one(system):
+    base = system.base
+    latents, t, states = unet_inputs(base, batch=2)
+    factors = random_factors(system, 2, seed=3)
+    hard = states.flip(0)
+    with torch.no_grad():
+        batched = base.unet(latents, t, states, cross_attention_kwargs={"adapter": AdapterInputs(
+            factors, hard, 0.5, 0.5)}).sample
+        for i in range(2):
+            one = {k: (A[i:i + 1], B[i:i + 1]) for k, (A, B) in factors.items()}
+            single = base.unet(latents[i:i + 1], t[i:i + 1], states[i:i + 1], cross_attention_kwargs={
+                "adapter": AdapterInputs(one, hard[i:i + 1], 0.5, 0.5)}).sample
+            torch.testing.assert_close(batched[i:i + 1], single, rtol=1e-5, atol=1e-5)
+        different = base.unet(latents, t, states, cross_attention_kwargs={"adapter": AdapterInputs(
+            {k: (A.flip(0), B.flip(0)) for k, (A, B) in factors.items()}, hard, 0.5, 0.5)}).sample
+        assert not torch.allclose(different, batched, atol=1e-4)
+
+
+def test_contrastive_loss_properties():
+    g = torch.Generator().manual_seed(0)
+    table = torch.nn.functional.normalize(torch.randn(50, 16, generator=g), dim=-1)
+    on_token = table[[3, 7]].clone()
+    off_token = on_token + 0.8 * torch.randn(2, 16, generator=g)
+    loss_on = nn_contrastive_loss(on_token, table, num_negatives=20, generator=torch.Generator().manual_seed(1))
+    loss_off = nn_contrastive_loss(off_token, table, num_negatives=20, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(loss_on) and torch.isfinite(loss_off)
+    assert loss_on < loss_off
+    # different concepts are pushed apart: a step moves each away from the other's nearest word
+    v = (table[[3, 7]] + 0.3 * table[[7, 3]]).requires_grad_()
+    nn_contrastive_loss(v, table, num_negatives=0).backward()
+    with torch.no_grad():
+        v2 = v - 0.5 * v.grad
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=-1)  # noqa: E731
+    assert cos(v2[0], table[7]) < cos(v[0].detach(), table[7])
+    assert cos(v2[1], table[3]) < cos(v[1].detach(), table[3])
+
+
+def test_diffusion_target_follows_prediction_type(system):
+    from diffusers import DDPMScheduler
+
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([5, 900])
+    eps = DDPMScheduler(prediction_type="epsilon")
+    v = DDPMScheduler(prediction_type="v_prediction")
+    assert torch.equal(diffusion_target(eps, latents, noise, t), noise)
+    torch.testing.assert_close(diffusion_target(v, latents, noise, t), v.get_velocity(latents, noise, t))
+
+
+def test_training_terms_are_finite_named_and_reach_the_encoder(system):
+    pixels = torch.rand(2, 3, system.base.resolution, system.base.resolution) * 2 - 1
+    terms = system.training_terms(pixels, ["a photo of S*", "S* on the beach"], torch.Generator().manual_seed(0))
+    assert {"diffusion", "contrastive", "norm"} <= set(terms)
+    assert all(torch.isfinite(v) for v in terms.values())
+    system.encoder.zero_grad()
+    sum(terms.values()).backward()
+    assert system.encoder.embedding_head.weight.grad.abs().sum() > 0
+    assert system.encoder.hypernetwork.core.weight.grad.abs().sum() > 0
+
+
+def test_tuning_with_zero_steps_returns_the_encoder_prediction(system):
+    pixels = torch.rand(3, system.base.resolution, system.base.resolution) * 2 - 1
+    system.cfg.tune.steps = 0
+    concept = personalize(system, pixels)
+    pred = system.predict(pixels.unsqueeze(0), torch.Generator().manual_seed(system.cfg.tune.seed))
+    assert torch.equal(concept.embedding, pred.embedding[0])
+    for name, (A, B) in concept.factors.items():
+        assert torch.equal(A, pred.factors[name][0][0]) and torch.equal(B, pred.factors[name][1][0])
+    system.cfg.tune.steps = 12
+
+
+def test_tuning_lowers_the_loss_on_a_fixed_image(tiny_base_dir):
+    system = make_system(tiny_base_dir, tune={"steps": 30, "lr_embedding": 3e-2, "lr_lora": 3e-2, "batch_size": 4})
+    g = torch.Generator().manual_seed(0)
+    res = system.base.resolution
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, res), torch.linspace(-1, 1, res), indexing="ij")
+    pixels = torch.stack([xx, yy, xx * yy])  # a fixed, structured image
+
+    def eval_loss(concept: Concept) -> float:
+        gen = torch.Generator().manual_seed(123)
+        latents = system.encode_latents(pixels.unsqueeze(0).expand(8, -1, -1, -1), gen)
+        batch = system.objective.add_noise(latents, gen, torch.linspace(50, 950, 8).long())
+        with torch.no_grad():
+            terms = system.objective(batch, ["a photo of S*"] * 8, concept.embedding.unsqueeze(0),
+                                     concept.batched_factors(), True)
+        return float(terms["diffusion"])
+
+    system.cfg.tune.steps = 0
+    before = eval_loss(personalize(system, pixels))
+    system.cfg.tune.steps = 30
+    losses = []
+    after = eval_loss(personalize(system, pixels, callback=lambda s, t: losses.append(t["diffusion"])))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert after < 0.95 * before, (before, after)
+    del g
+
+
+def test_concept_and_encoder_round_trip_exactly(system, tmp_path, tiny_base_dir):
+    pixels = torch.rand(3, system.base.resolution, system.base.resolution) * 2 - 1
+    system.cfg.tune.steps = 1
+    concept = personalize(system, pixels)
+    concept.save(tmp_path / "c")
+    loaded = Concept.load(tmp_path / "c", system.base)
+    assert torch.equal(loaded.embedding, concept.embedding) and loaded.hard_word == concept.hard_word
+    assert loaded.factors.keys() == concept.factors.keys()
+    assert all(torch.equal(loaded.factors[k][1], concept.factors[k][1]) for k in concept.factors)
+    system.save(tmp_path / "enc")
+    again = EncoderSystem.load(tmp_path / "enc")
+    for (k, a), (_, b) in zip(system.encoder.state_dict().items(), again.encoder.state_dict().items()):
+        assert torch.equal(a, b), k
+    system.cfg.tune.steps = 12
+
+
+def test_clip_text_encoder_family_works_too(tiny_clip_base_dir):
+    system = make_system(tiny_clip_base_dir, tune={"steps": 1})
+    pixels = torch.rand(3, system.base.resolution, system.base.resolution) * 2 - 1
+    concept = personalize(system, pixels)
+    assert concept.hard_word.isalpha() and torch.isfinite(concept.embedding).all()
+
+
+def test_library_never_imports_recipes():
+    root = Path(__import__("datencoder").__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if "recipes" in path.relative_to(root).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any("recipes" in n.split(".") for n in names):
+                offenders.append(str(path.relative_to(root)))
+    assert not offenders, offenders
