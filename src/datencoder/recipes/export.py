@@ -1,0 +1,29 @@
+"""``datencoder export CONCEPT_DIR --format diffusers --out DIR``: a concept for stock diffusers.
+
+Writes a single-path LoRA (diffusers ``save_lora_weights`` format) and a textual-inversion
+embedding, plus README.txt with the loading code. See ``datencoder.export``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("concept", metavar="CONCEPT_DIR", help="folder written by 'datencoder personalize'")
+    parser.add_argument("--format", default="diffusers", help="export format (default: diffusers)")
+    parser.add_argument("--out", required=True, help="output folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..concept import Concept
+    from ..export import FORMATS, export_concept
+    from ..errors import DatencoderError
+
+    if args.format not in FORMATS:  # fail before reading anything
+        raise DatencoderError(f"unknown export format {args.format!r}; choose one of: {', '.join(FORMATS)}")
+    concept = Concept.load(args.concept)
+    out = export_concept(concept, args.out, args.format)
+    print(f"exported {args.concept} ({len(concept.factors)} LoRA layers, token {concept.token}) to {out}")
+    print(f"load it with diffusers as shown in {out / 'README.txt'} (single path: dual path is not exported)")
+    return 0
