@@ -44,18 +44,19 @@ class ConceptPipeline:
         self.pipe.set_progress_bar_config(disable=True)
 
     @torch.no_grad()
-    def _states(self, prompt: str, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Soft and hard prompt states, [n, L, D] each (hard is None without a concept)."""
+    def _states(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Soft and hard prompt states, [B, L, D] each (hard is None without a concept)."""
         concept = self.concept
         if concept is None:
-            return self.base.encode_prompt(self.base.tokenize([prompt] * n)), None
-        soft_ids = self.base.tokenize([fill_placeholder(prompt, concept.placeholder, concept.token)] * n)
+            return self.base.encode_prompt(self.base.tokenize(prompts)), None
+        soft_ids = self.base.tokenize([fill_placeholder(p, concept.placeholder, concept.token) for p in prompts])
         with inject_embeddings(self.base.text_encoder, self.token_id, concept.embedding.unsqueeze(0)):
             soft = self.base.encode_prompt(soft_ids)
-        hard = self.base.encode_prompt(self.base.tokenize([prompt.replace(concept.placeholder, concept.hard_word)] * n))
+        hard = self.base.encode_prompt(self.base.tokenize(
+            [p.replace(concept.placeholder, concept.hard_word) for p in prompts]))
         return soft, hard
 
-    def __call__(self, prompt: str, num_images: int = 4, num_inference_steps: int = 25,
+    def __call__(self, prompt: str | list[str], num_images: int = 4, num_inference_steps: int = 25,
                  guidance_scale: float = 7.5, negative_prompt: str = "", seed: int | None = 0,
                  generator: torch.Generator | None = None, dual_path: bool = True,
                  output_type: str = "pil", callback=None) -> list[Image.Image] | torch.Tensor:
@@ -63,8 +64,10 @@ class ConceptPipeline:
             raise DatencoderError("num_images and num_inference_steps must be at least 1")
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(seed)
-        soft, hard = self._states(prompt, num_images)
-        negative = self.base.encode_prompt(self.base.tokenize([negative_prompt] * num_images))
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images)]  # num_images per prompt, in order
+        soft, hard = self._states(prompts)
+        negative = self.base.encode_prompt(self.base.tokenize([negative_prompt] * len(prompts)))
         kwargs = None
         concept = self.concept
         if concept is not None:
