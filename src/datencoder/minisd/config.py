@@ -1,0 +1,45 @@
+"""Typed configs of the minisd training stages (YAML files: configs/minisd_*.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .data import MiniDataConfig
+from .losses import DiffusionLossConfig, VAELossConfig
+from .models import MiniUNetConfig, MiniVAEConfig
+from .training import MiniTrainConfig
+
+
+@dataclass
+class VAEStageConfig:
+    model: MiniVAEConfig = field(default_factory=MiniVAEConfig)
+    data: MiniDataConfig = field(default_factory=MiniDataConfig)
+    loss: VAELossConfig = field(default_factory=VAELossConfig)
+    train: MiniTrainConfig = field(default_factory=lambda: MiniTrainConfig(work_dir="/work/runs/minisd/vae"))
+
+
+@dataclass
+class GridConfig:
+    num_prompts: int = 8
+    """Captions of this many train examples, spread over the manifest, with their real images."""
+    seeds: int = 2
+    """Rows of samples per grid, one per seed."""
+    steps: int = 25
+    guidance: float = 4.0
+    seed: int = 0
+
+
+@dataclass
+class UNetStageConfig:
+    vae_dir: str = "/work/runs/minisd/vae"
+    """Work dir of the VAE stage (its EMA weights encode the latents and decode samples)."""
+    cache_dir: str = "/work/runs/minisd/cache"
+    export_dir: str = ""
+    """Where ``export`` writes the diffusers folders; empty: the package's assets/minisd-emoji."""
+    cache_parts: list[str] = field(default_factory=lambda: ["text", "latents"])
+    """What ``cache`` computes: text states need only the text encoder, latents the trained VAE."""
+    model: MiniUNetConfig = field(default_factory=MiniUNetConfig)
+    data: MiniDataConfig = field(default_factory=MiniDataConfig)
+    diffusion: DiffusionLossConfig = field(default_factory=DiffusionLossConfig)
+    train: MiniTrainConfig = field(default_factory=lambda: MiniTrainConfig(work_dir="/work/runs/minisd/unet"))
+    grid: GridConfig = field(default_factory=GridConfig)

@@ -1,0 +1,53 @@
+"""Write the trained VAE, UNet and scheduler as the diffusers-layout ``minisd-emoji`` folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+from .data import TEXT_ENCODER_PACKAGE
+
+
+def default_export_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "assets" / "minisd-emoji"
+
+
+def export_minisd(
+    vae: AutoencoderKL,
+    unet: UNet2DConditionModel,
+    scheduler: DDPMScheduler,
+    max_length: int,
+    out_dir: Path,
+    name: str = "minisd-emoji",
+) -> Path:
+    """fp16 safetensors in vae/, unet/, scheduler/ plus datencoder_base.json.
+
+    The folder is built next to ``out_dir`` and swapped in at the end, so a reader never
+    sees half an export. The text encoder is not copied: the loader imports its package.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    vae.to(torch.float16).save_pretrained(tmp / "vae", safe_serialization=True)
+    unet.to(torch.float16).save_pretrained(tmp / "unet", safe_serialization=True)
+    vae.to(torch.float32)
+    unet.to(torch.float32)
+    scheduler.save_pretrained(tmp / "scheduler")
+    base = {
+        "name": name,
+        "text_encoder": {"python_package": TEXT_ENCODER_PACKAGE},
+        "tokenizer": {"python_package": TEXT_ENCODER_PACKAGE, "model_max_length": max_length},
+    }
+    (tmp / "datencoder_base.json").write_text(json.dumps(base, indent=2) + "\n")
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir

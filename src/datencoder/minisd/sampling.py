@@ -1,0 +1,45 @@
+"""Sample grids for judging training progress by eye."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+
+
+
+def save_grid(rows: list[torch.Tensor], path: Path) -> None:
+    """rows: tensors (n, 3, H, W) in [-1, 1], one grid row each; written atomically as PNG."""
+    grid = torch.cat([torch.cat(list(r.float().clamp(-1, 1)), dim=2) for r in rows], dim=1)  # 3, rows*H, n*W
+    arr = ((grid.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    Image.fromarray(arr).save(tmp)
+    tmp.replace(path)
+
+
+def make_pipeline(vae: AutoencoderKL, unet: UNet2DConditionModel, scheduler: DDPMScheduler, tokenizer, text_encoder) -> StableDiffusionPipeline:
+    """A stock StableDiffusionPipeline over our parts, with a DDIM sampler of the training schedule."""
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def sample_images(pipe: StableDiffusionPipeline, prompts: list[str], steps: int, guidance: float, seed: int) -> torch.Tensor:
+    """(len(prompts), 3, H, W) in [-1, 1]."""
+    gen = torch.Generator().manual_seed(seed)
+    out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="pt")
+    return out.images * 2 - 1

@@ -1,0 +1,185 @@
+"""``datencoder minisd STAGE CONFIG [key=value ...] [--resume]``: train the embedded default.
+
+Stages run in order: ``vae`` (AutoencoderKL on 64x64 emoji), ``cache`` (frozen MiniLM text
+states and VAE latents), ``unet`` (UNet2DConditionModel on the cached latents), ``export``
+(fp16 diffusers folders into assets/minisd-emoji). New stages register in ``STAGES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ..config import from_dict, load_config, to_dict
+from ..errors import DatencoderError
+from ..minisd.checkpoint import atomic_save_tensors, load_ema_weights
+from ..minisd.config import UNetStageConfig, VAEStageConfig
+from ..minisd.data import build_caption_table, encode_text, load_images, load_text_encoder, read_manifest
+from ..minisd.export import default_export_dir, export_minisd
+from ..minisd.losses import diffusion_loss, vae_loss
+from ..minisd.models import MiniVAEConfig, build_scheduler, build_unet, build_vae, seeded_init
+from ..minisd.sampling import make_pipeline, sample_images, save_grid
+from ..minisd.training import train
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage:
+    config_cls: type
+    run: Callable[[object, bool], int]
+    help: str
+
+
+def _vae_from_dir(vae_dir: str, scaling_factor: float = 1.0):
+    """The VAE stage's architecture (from its checkpoint JSON) with its EMA weights."""
+    meta = Path(vae_dir) / "checkpoint.json"
+    if not meta.exists():
+        raise DatencoderError(f"no VAE checkpoint in {vae_dir}; run 'datencoder minisd vae' first")
+    arch = MiniVAEConfig(**json.loads(meta.read_text())["config"]["model"])
+    vae = build_vae(arch, scaling_factor)
+    vae.load_state_dict(load_ema_weights(Path(vae_dir)))
+    return arch, vae.eval().requires_grad_(False)
+
+
+def run_vae(cfg: VAEStageConfig, resume: bool) -> int:
+    rows = read_manifest(cfg.data)
+    images = load_images(rows, cfg.data.root, cfg.model.resolution)
+    logger.info("VAE: %d training images", len(images))
+    with seeded_init(cfg.train.seed):
+        vae = build_vae(cfg.model)
+    show = images[torch.linspace(0, len(images) - 1, 8).long()]
+
+    def loss_fn(model, idx, gen):
+        return vae_loss(model, images[idx], gen, cfg.loss)
+
+    @torch.no_grad()
+    def sample_fn(ema_vae, step):
+        recon = ema_vae(show, sample_posterior=False).sample
+        save_grid([show, recon], Path(cfg.train.work_dir) / "samples" / f"step{step:06d}.png")
+
+    train(vae, len(images), loss_fn, cfg.train, resume, sample_fn, {"config": to_dict(cfg)})
+    return 0
+
+
+def run_cache(cfg: UNetStageConfig, resume: bool) -> int:
+    """Text states and latents for every training row (skips parts that already exist)."""
+    rows = read_manifest(cfg.data)
+    cache = Path(cfg.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    files = [r["file"] for r in rows]
+    text_path, latent_path = cache / "text.safetensors", cache / "latents.safetensors"
+    if "text" in cfg.cache_parts and not text_path.exists():
+        captions, table = build_caption_table(rows, cfg.data)
+        logger.info("encoding %d unique captions for %d rows", len(captions), len(rows))
+        tokenizer, encoder = load_text_encoder(cfg.data.max_length)
+        torch.set_num_threads(cfg.train.threads)
+        states = encode_text(captions, tokenizer, encoder, cfg.data.max_length, bf16=cfg.train.bf16)
+        atomic_save_tensors({"states": states.half(), "table": table}, text_path,
+                            {"max_length": str(cfg.data.max_length), "bf16": str(cfg.train.bf16), "captions": json.dumps(captions)})
+    if "latents" in cfg.cache_parts and not latent_path.exists():
+        arch, vae = _vae_from_dir(cfg.vae_dir)
+        torch.set_num_threads(cfg.train.threads)
+        images = load_images(rows, cfg.data.root, arch.resolution)
+        with torch.no_grad():
+            latents = torch.cat([vae.encode(images[i : i + 128]).latent_dist.mean for i in range(0, len(images), 128)])
+        scaling = 1.0 / latents.std().item()
+        logger.info("cached %s latents, std %.3f -> scaling factor %.4f", tuple(latents.shape), 1 / scaling, scaling)
+        atomic_save_tensors({"latents": latents}, latent_path, {"scaling_factor": repr(scaling)})
+    (cache / "rows.json").write_text(json.dumps(files))
+    return 0
+
+
+def _load_cache(cfg: UNetStageConfig, num_rows: int):
+    cache = Path(cfg.cache_dir)
+    if not (cache / "latents.safetensors").exists():
+        raise DatencoderError(f"no cache in {cache}; run 'datencoder minisd cache' first")
+    with safe_open(str(cache / "latents.safetensors"), "pt") as f:
+        scaling = float(f.metadata()["scaling_factor"])
+    with safe_open(str(cache / "text.safetensors"), "pt") as f:
+        if int(f.metadata()["max_length"]) != cfg.data.max_length:
+            raise DatencoderError("cached text states use another data.max_length; delete the cache and rerun 'cache'")
+    latents = load_file(str(cache / "latents.safetensors"))["latents"] * scaling
+    text = load_file(str(cache / "text.safetensors"))
+    if len(latents) != num_rows:
+        raise DatencoderError(f"cache holds {len(latents)} rows, manifest {num_rows}; delete {cache} and rerun 'cache'")
+    return latents, text["states"], text["table"], scaling
+
+
+def run_unet(cfg: UNetStageConfig, resume: bool) -> int:
+    rows = read_manifest(cfg.data)
+    latents, states, table, scaling = _load_cache(cfg, len(rows))
+    arch, vae = _vae_from_dir(cfg.vae_dir, scaling)
+    tokenizer, encoder = load_text_encoder(cfg.data.max_length)
+    with seeded_init(cfg.train.seed):
+        unet = build_unet(cfg.model, arch, encoder.config.hidden_size)
+    scheduler = build_scheduler(cfg.diffusion.num_train_timesteps, cfg.diffusion.prediction_type)
+    logger.info("UNet: %.2fM parameters, %d examples", sum(p.numel() for p in unet.parameters()) / 1e6, len(rows))
+    k = table.shape[1]
+    show = torch.linspace(0, len(rows) - 1, cfg.grid.num_prompts).long()
+    prompts = [rows[int(i)]["caption"] for i in show]
+    real = load_images([rows[int(i)] for i in show], cfg.data.root, arch.resolution)
+
+    def loss_fn(model, idx, gen):
+        b = len(idx)
+        variant = torch.randint(0, k, (b,), generator=gen)
+        cap = table[idx, variant]
+        cap = torch.where(torch.rand(b, generator=gen) < cfg.data.empty_caption_prob, torch.zeros_like(cap), cap)
+        return diffusion_loss(model, latents[idx], states[cap].float(), scheduler, gen, cfg.diffusion)
+
+    def sample_fn(ema_unet, step):
+        pipe = make_pipeline(vae, ema_unet, scheduler, tokenizer, encoder)
+        rows_out = [real] + [sample_images(pipe, prompts, cfg.grid.steps, cfg.grid.guidance, cfg.grid.seed + s)
+                             for s in range(cfg.grid.seeds)]
+        save_grid(rows_out, Path(cfg.train.work_dir) / "samples" / f"step{step:06d}.png")
+
+    train(unet, len(rows), loss_fn, cfg.train, resume, sample_fn,
+          {"config": to_dict(cfg), "scaling_factor": scaling, "prompts": prompts})
+    return 0
+
+
+def run_export(cfg: UNetStageConfig, resume: bool) -> int:
+    meta = Path(cfg.train.work_dir) / "checkpoint.json"
+    if not meta.exists():
+        raise DatencoderError(f"no UNet checkpoint in {cfg.train.work_dir}; run 'datencoder minisd unet' first")
+    saved = json.loads(meta.read_text())
+    # The architecture the UNet was trained with (stored in its checkpoint), not the current YAML.
+    trained = from_dict(UNetStageConfig, saved["config"])
+    arch, vae = _vae_from_dir(trained.vae_dir, saved["scaling_factor"])
+    _, encoder = load_text_encoder(trained.data.max_length)
+    unet = build_unet(trained.model, arch, encoder.config.hidden_size)
+    unet.load_state_dict(load_ema_weights(Path(cfg.train.work_dir)))
+    scheduler = build_scheduler(trained.diffusion.num_train_timesteps, trained.diffusion.prediction_type)
+    out = Path(cfg.export_dir) if cfg.export_dir else default_export_dir()
+    export_minisd(vae, unet, scheduler, trained.data.max_length, out)
+    logger.info("exported UNet step %d to %s", saved["step"], out)
+    return 0
+
+
+STAGES: dict[str, Stage] = {
+    "vae": Stage(VAEStageConfig, run_vae, "train the AutoencoderKL"),
+    "cache": Stage(UNetStageConfig, run_cache, "cache MiniLM text states and VAE latents"),
+    "unet": Stage(UNetStageConfig, run_unet, "train the UNet on cached latents"),
+    "export": Stage(UNetStageConfig, run_export, "write fp16 diffusers folders to assets/minisd-emoji"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("stage", choices=list(STAGES), help="; ".join(f"{k}: {s.help}" for k, s in STAGES.items()))
+    parser.add_argument("config", help="YAML config file or shipped name (minisd_vae, minisd_unet)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    parser.add_argument("--resume", action="store_true", help="continue from the stage's checkpoint")
+
+
+def run(args: argparse.Namespace) -> int:
+    stage = STAGES[args.stage]
+    cfg = load_config(args.config, args.overrides, cls=stage.config_cls)
+    return stage.run(cfg, args.resume)
