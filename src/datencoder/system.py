@@ -22,9 +22,11 @@ from .features import FeatureExtractor
 from .objective import NoisyLatents, Objective
 from .tokens import add_placeholder, vocabulary
 
-__all__ = ["EncoderSystem", "prepare_base"]
+__all__ = ["EncoderSystem", "prepare_base", "DEFAULT_ENCODER_DIR"]
 
 KIND = "encoder"
+DEFAULT_ENCODER_DIR = Path(__file__).resolve().parent / "assets" / "minisd-emoji-encoder"
+"""The encoder pre-trained on the embedded default base model, shipped in the package."""
 
 
 def prepare_base(base: BaseModel, token: str) -> int:
