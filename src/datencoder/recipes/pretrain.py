@@ -318,17 +318,17 @@ def train(cfg: Config, resume: bool = False, max_steps: int | None = None) -> Tr
         step += 1
         position += per_step
         epoch = position // len(dataset)
-        loss_value = sum(terms_sum.values())
         for name, value in terms_sum.items():
             window["terms"][name] = window["terms"].get(name, 0.0) + value
         window["n"] += 1
         bar.update(1)
-        bar.set_postfix({k: f"{v:.4f}" for k, v in {"loss": loss_value, **terms_sum}.items()})
+        bar.set_postfix({k: f"{v:.4f}" for k, v in {"loss": sum(terms_sum.values()), **terms_sum}.items()})
 
         if step % tc.log_every == 0 or step == stop:
             names = sorted(window["terms"])
             means = torch.tensor([window["terms"][k] / window["n"] for k in names], device=accelerator.device)
             means = accelerator.reduce(means, "mean").tolist()
+            loss_value = sum(means)  # the reported loss: mean over processes and the log window
             now = time.perf_counter()
             row = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                    "loss": sum(means), **dict(zip(names, means)),
