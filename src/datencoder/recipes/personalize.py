@@ -1,15 +1,17 @@
-"""``datencoder personalize IMAGE --encoder DIR --out CONCEPT_DIR [key=value ...]``.
+"""``datencoder personalize IMAGE [key=value ...] --encoder DIR --out CONCEPT_DIR``.
 
 Setup (image, encoder, base), the encoder's prediction plus a short tuning on the one image
 (``datencoder.tuning.personalize``), then the concept artifact written atomically. Prints the
 time of each phase, the peak memory and the nearest real word of the learned embedding.
-``key=value`` overrides (``tune.lr_lora=3e-3``) apply to the encoder's saved config.
+``key=value`` overrides (``tune.lr_lora=3e-3``, written right after IMAGE, like the other
+commands' positionals) apply to the encoder's saved config.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base model (default: the one the encoder was trained on)")
     parser.add_argument("--no-dual-path", action="store_true", help="tune single path (a = 1)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides applied to the encoder's config, e.g. tune.lr_lora=3e-3")
+                        help="overrides of the encoder's config, right after IMAGE, e.g. tune.lr_lora=3e-3")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..base import load_base
     from ..checkpoints import read_json
+    from ..errors import DatencoderError
     from ..image_io import image_to_tensor, load_image
     from ..system import EncoderSystem
     from ..tuning import personalize
@@ -57,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     t0 = time.perf_counter()
     image = load_image(args.image)
+    if not Path(args.encoder).is_dir():
+        raise DatencoderError(f"encoder folder {args.encoder} not found; pass --encoder a folder written by "
+                              "'datencoder pretrain'")
     base = None
     if args.base is not None:
         tower = read_json(f"{args.encoder}/encoder.json", "encoder").get("config", {}).get("model", {}).get("image_tower")
