@@ -51,6 +51,7 @@ DRIVER = textwrap.dedent("""
 
 def _world(root, base_dir):
     """Encoder, concept, another base and bad inputs on disk: {name: path}."""
+    (root / "base0").symlink_to(base_dir)
     base = load_base(str(base_dir))
     cfg = Config()
     cfg.model.pretrained = str(base_dir)
@@ -104,10 +105,23 @@ def _cases(r) -> dict[str, list[str]]:
         # valid, if unusual, images must work
         "rgba image": ["personalize", str(r / "rgba.png"), *enc, "--out", str(r / "c-rgba"), "--steps", "1"],
         "16-bit image": ["personalize", str(r / "grey16.png"), *enc, "--out", str(r / "c-16"), "--steps", "0"],
+        # the happy paths of generate (with and without a concept) and export
+        "generate concept": ["generate", concept, "a photo of S*", "--num-images", "2", "--steps", "2",
+                             "--out", str(r / "gen-concept")],
+        "generate plain": ["generate", "a red apple", "--base", str(r / "base0"), "--num-images", "1",
+                           "--steps", "1", "--out", str(r / "gen-plain")],
+        "export": ["export", concept, "--out", str(r / "export")],
     }
 
 
-SUCCEEDS = {"rgba image": "c-rgba", "16-bit image": "c-16"}
+CONCEPT_FILES = ("concept.safetensors", "concept.json")
+SUCCEEDS = {
+    "rgba image": ("c-rgba", CONCEPT_FILES),
+    "16-bit image": ("c-16", CONCEPT_FILES),
+    "generate concept": ("gen-concept", ("000.png", "001.png", "grid.png", "generation.json")),
+    "generate plain": ("gen-plain", ("000.png", "grid.png", "generation.json")),
+    "export": ("export", ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors", "README.txt")),
+}
 EXPECTED = {  # a fragment of each message: the right problem is named
     "missing image": "image not found",
     "truncated image": "not a readable image",
@@ -154,11 +168,11 @@ def test_bad_input_is_one_line_exit_2(cli_results, case):
 
 
 @pytest.mark.parametrize("case", sorted(SUCCEEDS))
-def test_odd_image_modes_personalise(cli_results, case):
+def test_valid_input_succeeds(cli_results, case):
     root, results = cli_results
     assert results[case]["rc"] == 0, results[case]["stderr"]
-    assert (root / SUCCEEDS[case] / "concept.safetensors").is_file()
-    assert (root / SUCCEEDS[case] / "concept.json").is_file()
+    folder, files = SUCCEEDS[case]
+    assert sorted(p.name for p in (root / folder).iterdir()) == sorted(files)  # no temp files left
 
 
 def test_console_entry_point_exit_code(tmp_path):

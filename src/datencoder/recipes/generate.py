@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
     for i, image in enumerate(images):
         save_image_atomic(image, out / f"{i:03d}.png")
-    labels = [f"{i:03d} seed {args.seed}" for i in range(len(images))]
+    labels = [f"{i:03d}" for i in range(len(images))]  # = the file names; settings in generation.json
     save_image_atomic(make_grid(images, cols=math.ceil(math.sqrt(len(images))), labels=labels), out / "grid.png")
     write_json_atomic(out / "generation.json", {
         "prompt": prompt, "concept": concept_dir, "base": {"name": base.name, "fingerprint": base.fingerprint},
