@@ -36,39 +36,56 @@ def _load(module_name: str):
         raise
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, object]:
+    """The parser; only the chosen command's recipe module is imported (fast --help)."""
     parser = argparse.ArgumentParser(
         prog="datencoder",
         description="Fast one-image personalisation of text-to-image diffusion models.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    modules = {}
+    module = None
     for name, (module_name, help_text) in COMMANDS.items():
-        module = _load(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
-        if module is not None:
-            module.add_arguments(p)
-        modules[name] = module
-    return parser, modules
+        if name == command:
+            module = _load(module_name)
+            if module is not None:
+                module.add_arguments(p)
+    return parser, module
+
+
+def _quiet_libraries() -> None:
+    for noisy in ("httpx", "urllib3", "diffusers", "transformers", "accelerate", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:  # transformers logs through its own handler
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser, modules = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in COMMANDS:
+        _quiet_libraries()
+    parser, module = build_parser(command if command in COMMANDS else None)
     args, extra = parser.parse_known_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(message)s",
-    )
-    for noisy in ("httpx", "urllib3", "diffusers", "transformers", "accelerate", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     if args.command is None:
         parser.print_help()
         return 1
-    if extra and not getattr(args, "allow_extra", False):
+    # key=value overrides may also follow the options (argparse stops a positional list at the
+    # first option): collect them for the commands that take overrides
+    if extra and isinstance(getattr(args, "overrides", None), list):
+        stray = [e for e in extra if "=" not in e or e.startswith("-")]
+        if not stray:
+            args.overrides += extra
+            extra = []
+    if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    module = modules[args.command]
     if module is None:
         print(f"error: 'datencoder {args.command}' is not available in this version yet", file=sys.stderr)
         return 2
