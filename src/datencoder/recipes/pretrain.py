@@ -276,10 +276,10 @@ def train(cfg: Config, resume: bool = False, max_steps: int | None = None) -> Tr
     system.encoder = encoder
     generator = torch.Generator().manual_seed(_mix(tc.seed, "noise", accelerator.process_index))
 
-    step, position, epoch = 0, 0, 0
+    step, position, epoch, loss_value = 0, 0, 0, float("nan")
     if ckpt_dir is not None:
         meta = _load_checkpoint(accelerator, ckpt_dir, cfg, encoder, optimizer, scheduler, generator)
-        step, position = meta["step"], meta["position"]
+        step, position, epoch, loss_value = meta["step"], meta["position"], meta["epoch"], meta["loss"]
         log.info("resumed from %s at step %d", ckpt_dir, step)
     per_step = tc.batch_size * tc.grad_accum * accelerator.num_processes
     loader = torch.utils.data.DataLoader(
@@ -296,7 +296,6 @@ def train(cfg: Config, resume: bool = False, max_steps: int | None = None) -> Tr
     bar = tqdm(total=tc.steps, initial=step, desc="pretrain", disable=not accelerator.is_local_main_process)
     start_step, start_time = step, time.perf_counter()
     window = {"time": start_time, "terms": {}, "n": 0}
-    loss_value = float("nan")
     encoder.train()
     while step < stop:
         terms_sum: dict[str, float] = {}
