@@ -109,7 +109,7 @@ def export_diffusers(concept: Concept, out_dir: str | Path) -> Path:
             os.unlink(out_dir / LORA_FILE)  # a stale LoRA from an earlier export would be wrong
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("exported %d LoRA layers and the embedding of %s to %s", len(concept.factors), concept.token, out_dir)
+    log.debug("exported %d LoRA layers and the embedding of %s to %s", len(concept.factors), concept.token, out_dir)
     return out_dir
 
 

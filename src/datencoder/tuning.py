@@ -74,7 +74,7 @@ def personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig | None =
     hard_word = system.objective.hard_words(embedding.detach())[0]
     timings = {"encoder_s": round(predicted - start, 4), "tuning_s": round(done - predicted, 4),
                "steps": tune.steps, "peak_memory_mb": round(peak_memory_mb(pixels.device), 1)}
-    log.info("encoder %.2fs, %d tuning steps %.2fs, nearest word %r", timings["encoder_s"], tune.steps,
+    log.debug("encoder %.2fs, %d tuning steps %.2fs, nearest word %r", timings["encoder_s"], tune.steps,
              timings["tuning_s"], hard_word)
     dp = cfg.dual_path
     return Concept(
