@@ -246,3 +246,19 @@ def test_library_never_imports_recipes():
             if any("recipes" in n.split(".") for n in names):
                 offenders.append(str(path.relative_to(root)))
     assert not offenders, offenders
+
+
+def test_any_transformers_vision_tower_works(tiny_base_dir, tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    tower = Dinov2Model(Dinov2Config(hidden_size=24, num_hidden_layers=3, num_attention_heads=2, mlp_ratio=2,
+                                     image_size=32, patch_size=8))
+    tower.save_pretrained(tmp_path / "dino")
+    base = load_base(str(tiny_base_dir), image_tower=str(tmp_path / "dino"))
+    cfg = from_dict(Config, {"model": {"pretrained": str(tiny_base_dir)}, "encoder": {"tower_layers": [-1, -2, -4]}})
+    system = EncoderSystem(base, cfg)
+    assert system.features.image_width == 3 * 24  # three pooled layers of the tower's width
+    pixels = torch.rand(2, 3, base.resolution, base.resolution) * 2 - 1
+    terms = system.training_terms(pixels, ["S*", "a photo of S*"], torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(v) for v in terms.values())
