@@ -43,8 +43,9 @@ class MiniUNetConfig:
     """UNet2DConditionModel on the VAE's latents; ``cross_attention`` marks blocks with text."""
 
     block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 256])
-    cross_attention: list[bool] = field(default_factory=lambda: [True, True, False])
-    """Per resolution level, highest first (as in SD, the lowest level has no attention)."""
+    cross_attention: list[bool] = field(default_factory=lambda: [False, True, False])
+    """Per resolution level, highest first. Default: text only at the middle level (plus the mid
+    block); attention at the 16x16 level made a training step 2.3x slower on CPU."""
     layers_per_block: int = 1
     attention_head_dim: int = 32
     norm_num_groups: int = 32

@@ -28,6 +28,7 @@ from ..minisd.losses import diffusion_loss, vae_loss
 from ..minisd.models import MiniVAEConfig, build_scheduler, build_unet, build_vae, seeded_init
 from ..minisd.sampling import make_pipeline, sample_images, save_grid
 from ..minisd.training import train
+from .minisd_extra import EvaluatorStageConfig, TowerStageConfig, run_evaluator, run_tower
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,8 @@ STAGES: dict[str, Stage] = {
     "cache": Stage(UNetStageConfig, run_cache, "cache MiniLM text states and VAE latents"),
     "unet": Stage(UNetStageConfig, run_unet, "train the UNet on cached latents"),
     "export": Stage(UNetStageConfig, run_export, "write fp16 diffusers folders to assets/minisd-emoji"),
+    "tower": Stage(TowerStageConfig, run_tower, "train the image tower (CLIP vision vs frozen MiniLM)"),
+    "evaluator": Stage(EvaluatorStageConfig, run_evaluator, "train the measuring CNN (assets/evaluator)"),
 }
 
 
