@@ -86,6 +86,7 @@ def test_lr_schedule():
 
 
 def _config_classes() -> dict[str, type]:
+    from datencoder.evaluation import EvalConfig
     from datencoder.minisd.config import UNetStageConfig, VAEStageConfig
     from datencoder.recipes.minisd_extra import EvaluatorStageConfig, TowerStageConfig
 
@@ -93,6 +94,8 @@ def _config_classes() -> dict[str, type]:
         "tiny.yaml": Config, "minisd_encoder.yaml": Config, "sd15.yaml": Config,
         "minisd_vae.yaml": VAEStageConfig, "minisd_unet.yaml": UNetStageConfig,
         "minisd_tower.yaml": TowerStageConfig, "minisd_evaluator.yaml": EvaluatorStageConfig,
+        "minisd_encoder_no_contrastive.yaml": Config, "minisd_encoder_no_hypernet.yaml": Config,
+        "minisd_e4t_animals.yaml": Config, "eval_minisd.yaml": EvalConfig,
     }
 
 

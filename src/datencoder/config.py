@@ -142,6 +142,8 @@ class DataConfig:
     manifest: str | None = None
     """Optional JSONL manifest (emoji data set): only rows whose split is in ``splits`` are used."""
     splits: list[str] = field(default_factory=lambda: ["train"])
+    categories: list[str] | None = None
+    """With a manifest: keep only rows whose ``category`` is listed (E4T-style single-domain baseline)."""
     use_source: bool = False
     """With a manifest: train on each row's clean ``source`` render instead of its composed ``file``."""
     num_workers: int = 0

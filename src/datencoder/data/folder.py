@@ -36,8 +36,12 @@ def scan_images(root: str | Path, extensions=DEFAULT_EXTENSIONS) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def read_manifest_files(manifest: str | Path, splits, use_source: bool = False) -> list[Path]:
-    """Image paths of the manifest rows whose ``split`` is in ``splits`` (relative to its folder)."""
+def read_manifest_files(manifest: str | Path, splits, use_source: bool = False,
+                        categories=None) -> list[Path]:
+    """Image paths of the manifest rows whose ``split`` is in ``splits`` (relative to its folder).
+
+    ``categories`` (optional) also keeps only rows whose ``category`` is listed.
+    """
     manifest = Path(manifest)
     if not manifest.is_file():
         raise DatencoderError(f"manifest {manifest} not found; set data.manifest to a JSONL file")
@@ -51,7 +55,7 @@ def read_manifest_files(manifest: str | Path, splits, use_source: bool = False) 
                 row = json.loads(line)
             except json.JSONDecodeError:
                 raise DatencoderError(f"{manifest} line {number} is not valid JSON; rebuild the manifest") from None
-            if row.get("split") not in wanted:
+            if row.get("split") not in wanted or (categories is not None and row.get("category") not in categories):
                 continue
             if key not in row:
                 raise DatencoderError(f"{manifest} line {number} has no '{key}' key; "
@@ -73,17 +77,19 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, resolution: int, templates: list[str],
                  extensions=DEFAULT_EXTENSIONS, manifest: str | Path | None = None,
                  splits=("train",), use_source: bool = False, hflip: bool = True,
-                 scale_min: float = 1.0):
+                 scale_min: float = 1.0, categories=None):
         if resolution < 0:
             raise DatencoderError(f"data resolution must be >= 1 (or 0: set later), got {resolution}")
         if not templates:
             raise DatencoderError("data.templates is empty; give at least one prompt template with S*")
         if manifest:
-            self.files = read_manifest_files(manifest, splits, use_source)
-            where = f"manifest {manifest} (splits {list(splits)})"
+            self.files = read_manifest_files(manifest, splits, use_source, categories)
+            where = f"manifest {manifest} (splits {list(splits)}, categories {categories or 'all'})"
         else:
             if not str(root):
                 raise DatencoderError("data.root is empty; set data.root=FOLDER or data.manifest=FILE.jsonl")
+            if categories is not None:
+                raise DatencoderError("data.categories needs a manifest with categories; set data.manifest=FILE.jsonl")
             self.files = scan_images(root, extensions)
             where = f"folder {root}"
         if not self.files:

@@ -262,7 +262,7 @@ def train(cfg: Config, resume: bool = False, max_steps: int | None = None) -> Tr
     set_seed(tc.seed)  # encoder initialisation
     d = cfg.data  # scanned first: a bad data path fails before a large model is loaded
     dataset = ImageFolderDataset(d.root, d.resolution, d.templates, d.extensions, d.manifest, d.splits,
-                                 d.use_source, d.hflip, d.scale_min)
+                                 d.use_source, d.hflip, d.scale_min, d.categories)
     # The frozen base stays fp32: autocast runs its matmuls in bf16/fp16, the encoder's master
     # weights and AdamW state stay fp32.
     base = load_base(cfg.model.pretrained, cfg.model.image_tower, revision=cfg.model.revision,

@@ -1,0 +1,227 @@
+"""Baselines of METHOD.md ("Baselines and ablations") on the same machinery as the method.
+
+Each baseline maps (base model, one image) -> ``Concept``: the same ``Objective`` (diffusion loss
+of the scheduler's own target on augmented copies of the image), the same concept artifact, so
+``ConceptPipeline`` generates and ``export`` exports every method identically.
+
+- Textual Inversion (Gal et al. 2022): only the embedding of S* is optimised, from a word's
+  embedding (or the vocabulary mean), single path, no offsets, Adam.
+- DreamBooth-LoRA (Ruiz et al. 2023, LoRA variant): only LoRA factors on the UNet attention
+  projections (peft, added with diffusers' ``unet.add_adapter``) are optimised; S* is a fixed rare
+  real token followed by a class word ("a photo of xu emoji"). The trained peft weights are read
+  back into the concept's factor layout ``{"<attn module>.<target>": (A [r, in], B [out, r])}``
+  with scale ``lora_alpha / r``, which is exactly peft's forward.
+
+The E4T-style single-domain encoder and the ablations of our encoder are configurations of
+``EncoderSystem`` + ``tuning.personalize`` (see ``configs/eval_minisd.yaml``), not code here.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .augment import augment_views
+from .base import BaseModel
+from .concept import Concept
+from .config import Config, DataConfig, from_dict, to_dict
+from .encoder import target_layer_shapes
+from .errors import DatencoderError
+from .objective import Objective
+from .system import EncoderSystem, prepare_base
+from .tokens import vocabulary
+
+__all__ = ["TextualInversionConfig", "DreamBoothLoRAConfig", "textual_inversion", "dreambooth_lora",
+           "add_peft_lora", "peft_factors"]
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TextualInversionConfig:
+    steps: int = 500
+    lr: float = 5e-3
+    batch_size: int = 4
+    init_word: str | None = "emoji"
+    """Initial embedding: this word's if it is one token, else (or None) the vocabulary mean."""
+    templates: list[str] = field(default_factory=lambda: list(DataConfig().templates))
+    hflip: bool = True
+    scale_min: float = 0.8
+    seed: int = 0
+
+
+@dataclass
+class DreamBoothLoRAConfig:
+    steps: int = 200
+    lr: float = 5e-4
+    batch_size: int = 4
+    rank: int = 4
+    alpha: float | None = None
+    """peft's lora_alpha; None = rank (offset scale 1)."""
+    rare_word: str = "sks"
+    """A real, rarely used single token that S* stands for (``sks`` suits CLIP; MiniLM: ``xu``)."""
+    class_word: str = "emoji"
+    """Written after S* in training and generation prompts ("a photo of S* emoji"); "" for none."""
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    attention_kinds: list[str] = field(default_factory=lambda: ["self", "cross"])
+    templates: list[str] = field(default_factory=lambda: list(DataConfig().templates))
+    hflip: bool = True
+    scale_min: float = 0.8
+    seed: int = 0
+
+
+def _objective_config(base: BaseModel, templates, hflip, scale_min, seed) -> Config:
+    """The method's Config with every regulariser and the dual path off: plain diffusion loss."""
+    return from_dict(Config, {
+        "model": {"pretrained": base.name},
+        "dual_path": {"enabled": False},
+        "loss": {"contrastive_weight": 0.0, "norm_weight": 0.0, "l2_weight": 0.0, "lora_weight": 0.0},
+        "data": {"templates": list(templates), "hflip": hflip, "scale_min": scale_min},
+        "tune": {"seed": seed},
+    })
+
+
+def _encode_latents(base: BaseModel, pixels: Tensor, generator: torch.Generator) -> Tensor:
+    # The VAE scaling lives once, in EncoderSystem.encode_latents, which only reads ``.base``.
+    return EncoderSystem.encode_latents(types.SimpleNamespace(base=base), pixels, generator)
+
+
+def _optimise(objective: Objective, base: BaseModel, pixels: Tensor, steps: int, batch_size: int,
+              templates: list[str], hflip: bool, scale_min: float, embedding: Tensor, params: list[Tensor],
+              lr: float, generator: torch.Generator, callback: StepCallback | None) -> None:
+    """Adam on ``params`` for ``steps`` single-path steps on augmented copies of one image."""
+    optimizer = torch.optim.Adam(params, lr=lr)
+    for step in range(steps):
+        views = augment_views(pixels, batch_size, generator, hflip, scale_min)  # [b, 3, H, W]
+        batch = objective.add_noise(_encode_latents(base, views, generator), generator)
+        picks = torch.randint(0, len(templates), (batch_size,), generator=generator).tolist()
+        terms = objective(batch, [templates[i] for i in picks], embedding, {}, False, generator)
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if callback is not None:
+            callback(step, {"loss": float(loss.detach())})
+
+
+def _single_token(base: BaseModel, word: str) -> int | None:
+    ids = base.tokenizer(word, add_special_tokens=False)["input_ids"]
+    return ids[0] if len(ids) == 1 else None
+
+
+def _concept(base: BaseModel, cfg: Config, embedding: Tensor, factors, hard_word: str, scale: float,
+             method: str, method_cfg, seconds: float, info: dict | None) -> Concept:
+    from .tuning import peak_memory_mb
+
+    return Concept(
+        embedding=embedding.detach().reshape(-1).clone(), factors=factors, hard_word=hard_word,
+        placeholder=cfg.model.placeholder, token=cfg.model.token, blend_self=1.0, blend_cross=1.0,
+        scale=scale, base={"name": base.name, "fingerprint": base.fingerprint},
+        config={**to_dict(cfg), "baseline": {"method": method, **to_dict(method_cfg)}},
+        info={**(info or {}), "method": method, "encoder_s": 0.0, "tuning_s": round(seconds, 4),
+              "steps": method_cfg.steps, "peak_memory_mb": round(peak_memory_mb(), 1)},
+    )
+
+
+def textual_inversion(base: BaseModel, pixels: Tensor, tcfg: TextualInversionConfig | None = None,
+                      callback: StepCallback | None = None, info: dict | None = None) -> Concept:
+    """pixels: [3, H, W] in [-1, 1] -> a concept with an optimised embedding and no factors."""
+    tcfg = tcfg or TextualInversionConfig()
+    cfg = _objective_config(base, tcfg.templates, tcfg.hflip, tcfg.scale_min, tcfg.seed)
+    vocab_ids, vocab_table = vocabulary(base.tokenizer, base.text_encoder, cfg.loss.whole_words_only)
+    token_id = prepare_base(base, cfg.model.token)
+    objective = Objective(base, cfg, token_id, vocab_ids, vocab_table)
+    start = time.perf_counter()
+    init_id = _single_token(base, tcfg.init_word) if tcfg.init_word else None
+    table = base.text_encoder.get_input_embeddings().weight
+    if init_id is None:
+        log.debug("init word %r is not one token: starting from the vocabulary mean", tcfg.init_word)
+    init = vocab_table.mean(0) if init_id is None else table[init_id].detach().float()
+    embedding = init.clone().unsqueeze(0).requires_grad_()  # [1, D]
+    gen = torch.Generator().manual_seed(tcfg.seed)
+    _optimise(objective, base, pixels, tcfg.steps, tcfg.batch_size, list(tcfg.templates), tcfg.hflip,
+              tcfg.scale_min, embedding, [embedding], tcfg.lr, gen, callback)
+    seconds = time.perf_counter() - start
+    hard_word = objective.hard_words(embedding.detach())[0]
+    return _concept(base, cfg, embedding, {}, hard_word, 1.0, "textual_inversion", tcfg, seconds, info)
+
+
+# -- DreamBooth-LoRA ------------------------------------------------------------------------------
+
+
+def add_peft_lora(unet, keys: list[str], rank: int, alpha: float, adapter_name: str = "dreambooth"):
+    """A copy of ``unet`` with a peft LoRA on the projections ``keys`` (B = 0: the identity)."""
+    from peft import LoraConfig
+
+    unet = copy.deepcopy(unet)  # the shared base UNet is never modified
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=keys, lora_dropout=0.0,
+                                init_lora_weights=True, bias="none"), adapter_name)
+    return unet
+
+
+def peft_factors(unet, keys: list[str], adapter_name: str = "dreambooth") -> tuple[dict, float]:
+    """peft's LoRA weights as concept factors {key: (A [r, in], B [out, r])} and their scale.
+
+    peft computes ``x W^T + scaling * (x A^T) B^T`` with ``scaling = lora_alpha / r``; the concept's
+    offset is ``scale * B @ A`` (``lora.delta_weight``), so the factors are copied unchanged and the
+    scale is peft's scaling, which must be the same for every layer.
+    """
+    factors, scales = {}, set()
+    for key in keys:
+        layer = unet.get_submodule(key)
+        if not hasattr(layer, "lora_A") or adapter_name not in layer.lora_A:
+            raise DatencoderError(f"UNet layer {key} has no LoRA adapter {adapter_name!r}; add it with add_peft_lora")
+        A = layer.lora_A[adapter_name].weight.detach().float().clone()  # [r, in]
+        B = layer.lora_B[adapter_name].weight.detach().float().clone()  # [out, r]
+        factors[key] = (A, B)
+        scales.add(float(layer.scaling[adapter_name]))
+    if len(scales) != 1:
+        raise DatencoderError(f"LoRA layers have different scalings {sorted(scales)}; use one rank and alpha")
+    return factors, scales.pop()
+
+
+def dreambooth_lora(base: BaseModel, pixels: Tensor, dcfg: DreamBoothLoRAConfig | None = None,
+                    callback: StepCallback | None = None, info: dict | None = None) -> Concept:
+    """pixels: [3, H, W] in [-1, 1] -> a concept whose S* is a fixed rare token, with LoRA factors."""
+    dcfg = dcfg or DreamBoothLoRAConfig()
+    token_id = _single_token(base, dcfg.rare_word)
+    if token_id is None:
+        raise DatencoderError(f"DreamBooth rare word {dcfg.rare_word!r} is not a single token of this "
+                              f"tokenizer; set rare_word to one (e.g. 'sks' for CLIP, 'xu' for MiniLM)")
+    cfg = _objective_config(base, dcfg.templates, dcfg.hflip, dcfg.scale_min, dcfg.seed)
+    placeholder = cfg.model.placeholder
+    spelled = f"{placeholder} {dcfg.class_word}".strip()
+    templates = [t.replace(placeholder, spelled) for t in dcfg.templates]
+    vocab_ids, vocab_table = vocabulary(base.tokenizer, base.text_encoder, cfg.loss.whole_words_only)
+    prepare_base(base, cfg.model.token)
+    start = time.perf_counter()
+    enc_cfg = dataclasses.replace(cfg.encoder, rank=dcfg.rank, targets=list(dcfg.targets),
+                                  attention_kinds=list(dcfg.attention_kinds))
+    keys = sorted(target_layer_shapes(base.unet, enc_cfg))
+    alpha = float(dcfg.alpha if dcfg.alpha is not None else dcfg.rank)
+    peft_unet = add_peft_lora(base.unet, keys, dcfg.rank, alpha)
+    lora_params = [p for n, p in peft_unet.named_parameters() if "lora_" in n]
+    for p in lora_params:
+        p.requires_grad_(True)
+    # The same Objective, on a base whose UNet is the peft copy; S* embeds as the rare word.
+    peft_base = dataclasses.replace(base, unet=peft_unet)
+    objective = Objective(peft_base, cfg, prepare_base(base, cfg.model.token), vocab_ids, vocab_table)
+    embedding = base.text_encoder.get_input_embeddings().weight[token_id].detach().float().unsqueeze(0)
+    gen = torch.Generator().manual_seed(dcfg.seed)
+    _optimise(objective, peft_base, pixels, dcfg.steps, dcfg.batch_size, templates, dcfg.hflip,
+              dcfg.scale_min, embedding, lora_params, dcfg.lr, gen, callback)
+    factors, scale = peft_factors(peft_unet, keys)
+    seconds = time.perf_counter() - start
+    info = {**(info or {}), "prompt_placeholder": spelled}
+    return _concept(base, cfg, embedding, factors, dcfg.rare_word, scale, "dreambooth_lora", dcfg, seconds, info)

@@ -1,0 +1,363 @@
+"""Evaluation harness: every method personalises the same targets and is measured identically.
+
+METHOD.md, "Metrics": for each method and target image the harness personalises (timed, with
+peak memory), generates every prompt x seed through ``ConceptPipeline``, and scores each image
+with the emoji ``Evaluator``:
+
+- identity: cosine of the evaluator's identity embeddings of the generated and the input image;
+- concept top-1 / top-5: whether the target concept is among the evaluator's top concepts;
+- style: whether the predicted rendering style is the target's (fluent3d for the emoji targets);
+- editability: accuracy of the background / position / size the prompt states (only those).
+
+Per-image records go to ``records.jsonl`` (rewritten atomically after every (method, target)
+pair, so a rerun skips finished pairs); ``evaluation_report`` turns them into tables and plots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoints import write_json_atomic
+from .config import from_dict, to_dict
+from .errors import DatencoderError
+
+__all__ = ["MethodConfig", "TargetGroup", "TargetsConfig", "EvalConfig", "Target", "select_targets",
+           "parse_prompt", "personalize_with", "score_images", "run_evaluation", "read_records",
+           "reset_peak_memory", "method_targets", "KINDS"]
+
+log = logging.getLogger(__name__)
+
+KINDS = ("ours", "textual_inversion", "dreambooth_lora")
+
+
+@dataclass
+class MethodConfig:
+    name: str = ""
+    kind: str = "ours"
+    """ours | textual_inversion | dreambooth_lora."""
+    encoder: str | None = None
+    """ours: folder of a pre-trained encoder (``<pretrain output_dir>/encoder``)."""
+    steps: int = 12
+    """Tuning / optimisation steps."""
+    overrides: dict = field(default_factory=dict)
+    """ours: {section: {key: value}} over the encoder's config (e.g. {dual_path: {enabled: false}});
+    baselines: {key: value} of TextualInversionConfig / DreamBoothLoRAConfig (e.g. {lr: 1e-3})."""
+    categories: list[str] | None = None
+    """Only targets of these categories (E4T inside its domain); None = all."""
+    exclude_categories: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise DatencoderError("every evaluation method needs a name")
+        if self.kind not in KINDS:
+            raise DatencoderError(f"method {self.name}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind == "ours" and not self.encoder:
+            raise DatencoderError(f"method {self.name}: kind 'ours' needs encoder: FOLDER")
+        if self.steps < 0:
+            raise DatencoderError(f"method {self.name}: steps must be >= 0, got {self.steps}")
+
+
+@dataclass
+class TargetGroup:
+    name: str = "heldout"
+    split: str = "heldout_concept"
+    style: str = "fluent3d"
+    per_category: int = 2
+    categories: list[str] | None = None
+
+
+@dataclass
+class TargetsConfig:
+    manifest: str | None = None
+    groups: list[TargetGroup] = field(default_factory=list)
+    use_source: bool = True
+    """Personalise from the clean render (sources/...) rather than a composed training image."""
+    images: list[str] = field(default_factory=list)
+    """Explicit target images (concept, name, category read from the manifest when listed there)."""
+    seed: int = 0
+    """Seed of the per-category choice of concepts."""
+
+
+@dataclass
+class EvalConfig:
+    base: str = "minisd-emoji"
+    image_tower: str | None = None
+    methods: list[MethodConfig] = field(default_factory=list)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    prompts: list[str] = field(default_factory=lambda: ["S*", "S*, on a blue background"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    sample_steps: int = 20
+    guidance: float = 4.0
+    scheduler: str = "ddim"
+    evaluator: str | None = None
+    """Evaluator folder; None = the shipped one (assets/evaluator)."""
+    output_dir: str = "runs/eval"
+    save_images: bool = True
+    grids: int = 2
+    """Example grids (rows = methods, columns = prompts) for the first N targets."""
+
+    def __post_init__(self) -> None:
+        names = [m.name for m in self.methods]
+        if len(set(names)) != len(names):
+            raise DatencoderError(f"method names must be unique, got {names}")
+        for p in self.prompts:
+            if "S*" not in p:
+                raise DatencoderError(f"evaluation prompt {p!r} has no placeholder S*")
+        if not self.seeds or not self.prompts:
+            raise DatencoderError("evaluation needs at least one prompt and one seed")
+
+
+@dataclass
+class Target:
+    image: str
+    concept: str
+    name: str
+    category: str
+    style: str
+    group: str
+
+
+# -- targets ----------------------------------------------------------------------------------
+
+
+def _manifest_rows(manifest: str | Path) -> list[dict]:
+    path = Path(manifest)
+    if not path.is_file():
+        raise DatencoderError(f"target manifest {path} not found; set targets.manifest to the emoji manifest.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def select_targets(cfg: TargetsConfig) -> list[Target]:
+    """Targets of each group (N concepts per category, picked by a seeded hash) plus explicit images."""
+    targets: list[Target] = []
+    rows = _manifest_rows(cfg.manifest) if cfg.manifest else []
+    root = Path(cfg.manifest).parent if cfg.manifest else Path(".")
+    key = "source" if cfg.use_source else "file"
+    for group in cfg.groups:
+        by_category: dict[str, dict[str, dict]] = {}
+        for row in rows:
+            if row.get("split") == group.split and row.get("style") == group.style and (
+                    group.categories is None or row.get("category") in group.categories):
+                by_category.setdefault(row["category"], {}).setdefault(row["concept"], row)
+        for category in sorted(by_category):
+            concepts = sorted(by_category[category], key=lambda c: hashlib.sha256(
+                f"{cfg.seed}:{c}".encode()).hexdigest())
+            for concept in concepts[: group.per_category]:
+                row = by_category[category][concept]
+                targets.append(Target(str(root / row[key]), concept, row["name"], category, row["style"], group.name))
+    known = {str(root / r[k]): r for r in rows for k in ("file", "source")}
+    for image in cfg.images:
+        row = known.get(str(image)) or known.get(str(root / image))
+        if row is None:
+            stem = Path(image).stem
+            targets.append(Target(str(image), stem, stem, "unknown", "unknown", "images"))
+        else:
+            targets.append(Target(str(image), row["concept"], row["name"], row["category"], row["style"], "images"))
+    seen, unique = set(), []
+    for t in targets:  # a concept image chosen by two groups is evaluated once
+        if t.image not in seen:
+            seen.add(t.image)
+            unique.append(t)
+    if not unique:
+        raise DatencoderError("no evaluation targets: set targets.groups (with targets.manifest) or targets.images")
+    return unique
+
+
+def method_targets(method: MethodConfig, targets: list[Target]) -> list[Target]:
+    return [t for t in targets if (method.categories is None or t.category in method.categories)
+            and t.category not in method.exclude_categories]
+
+
+# -- prompts ----------------------------------------------------------------------------------
+
+_BACKGROUND = re.compile(r"\bon an? ([a-z]+) background\b")
+
+
+def parse_prompt(prompt: str) -> dict[str, str]:
+    """The attributes a prompt states, in the caption vocabulary of the emoji data set.
+
+    "S*, small, top left, on a blue background" -> {size: small, position: top left, background: blue}.
+    """
+    from .data.emoji import BACKGROUNDS, POSITIONS, SIZES
+
+    found: dict[str, str] = {}
+    for part in (p.strip().lower() for p in prompt.split(",")):
+        match = _BACKGROUND.search(part)
+        if match and match.group(1) in BACKGROUNDS:
+            found["background"] = match.group(1)
+        elif part in SIZES:
+            found["size"] = part
+        elif part in POSITIONS:
+            found["position"] = part
+    return found
+
+
+# -- personalisation ----------------------------------------------------------------------------
+
+
+def reset_peak_memory(device: torch.device | str = "cpu") -> None:
+    """Start a new peak: CUDA allocator stats, or the kernel's RSS high-water mark on Linux."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # "5" resets VmHWM, which getrusage's ru_maxrss reports for this process (Linux >= 4.0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        log.debug("cannot reset the peak RSS: peak memory is the process maximum so far")
+
+
+def personalize_with(method: MethodConfig, base, pixels: torch.Tensor, system_cache: dict, info: dict):
+    """One method's concept for one image ([3, H, W] in [-1, 1])."""
+    from .baselines import DreamBoothLoRAConfig, TextualInversionConfig, dreambooth_lora, textual_inversion
+
+    if method.kind == "textual_inversion":
+        return textual_inversion(base, pixels, from_dict(TextualInversionConfig, {**method.overrides,
+                                                                                  "steps": method.steps}), info=info)
+    if method.kind == "dreambooth_lora":
+        return dreambooth_lora(base, pixels, from_dict(DreamBoothLoRAConfig, {**method.overrides,
+                                                                              "steps": method.steps}), info=info)
+    from .system import EncoderSystem
+    from .tuning import personalize
+
+    if method.name not in system_cache:
+        if not Path(method.encoder, "encoder.json").is_file():
+            raise DatencoderError(f"method {method.name}: no encoder in {method.encoder}; pre-train it first "
+                                  "(docs/evaluation.md lists the command)")
+        overrides = {s: dict(v) for s, v in method.overrides.items()}
+        overrides.setdefault("tune", {})["steps"] = method.steps
+        system_cache[method.name] = EncoderSystem.load(method.encoder, base, overrides)
+    return personalize(system_cache[method.name], pixels, info=info)
+
+
+# -- scoring ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def score_images(evaluator, images, reference, target: Target, prompts: list[str]) -> list[dict]:
+    """Scores of generated ``images`` (one per prompt) against the input image ``reference``."""
+    logits, emb = evaluator.logits(list(images) + [reference])
+    gen_emb, ref_emb = emb[:-1], emb[-1:]
+    identity = (gen_emb @ ref_emb.T)[:, 0].tolist()  # both L2-normalised
+    concept_index = evaluator.index["concept"].get(target.concept)
+    top5 = logits["concept"][:-1].topk(min(5, logits["concept"].shape[1]), dim=-1).indices.tolist()
+    predicted = {h: [evaluator.labels[h][i] for i in logits[h][:-1].argmax(-1).tolist()]
+                 for h in ("style", "background", "position", "size")}
+    out = []
+    for i, prompt in enumerate(prompts):
+        expected = parse_prompt(prompt)
+        rec = {"identity": round(identity[i], 5),
+               "top1": None if concept_index is None else int(top5[i][0] == concept_index),
+               "top5": None if concept_index is None else int(concept_index in top5[i]),
+               "style": predicted["style"][i], "style_ok": int(predicted["style"][i] == target.style),
+               "expected": expected, "predicted": {h: predicted[h][i] for h in ("background", "position", "size")}}
+        for attr in ("background", "position", "size"):
+            rec[f"{attr}_ok"] = int(predicted[attr][i] == expected[attr]) if attr in expected else None
+        out.append(rec)
+    return out
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+
+def read_records(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_records(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+
+
+PairCallback = Callable[[str, str, bool], None]
+
+
+def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
+                   on_pair: PairCallback | None = None) -> dict:
+    """Run every (method, target) pair not yet in ``records.jsonl``; return {records, done, skipped}.
+
+    ``methods`` restricts the run to those method names; ``on_pair(method, target, ran)`` reports progress.
+    """
+    from .base import load_base
+    from .evaluator import load_evaluator
+    from .image_io import image_to_tensor, load_image, save_image_atomic
+    from .pipeline import ConceptPipeline
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    setup = {"prompts": cfg.prompts, "seeds": cfg.seeds, "sample_steps": cfg.sample_steps,
+             "guidance": cfg.guidance, "scheduler": cfg.scheduler, "base": cfg.base}
+    setup_file = out / "eval_setup.json"
+    if setup_file.is_file() and json.loads(setup_file.read_text()) != setup:
+        raise DatencoderError(f"{out} holds records made with other prompts, seeds, sampling or base; "
+                              "set output_dir to a new folder")
+    write_json_atomic(setup_file, setup)
+    write_json_atomic(out / "eval_config.json", to_dict(cfg))
+
+    chosen = [m for m in cfg.methods if methods is None or m.name in methods]
+    unknown = sorted(set(methods or []) - {m.name for m in cfg.methods})
+    if unknown:
+        raise DatencoderError(f"unknown method(s) {unknown}; the config has {[m.name for m in cfg.methods]}")
+    targets = select_targets(cfg.targets)
+    per_pair = len(cfg.prompts) * len(cfg.seeds)
+    records = read_records(out / "records.jsonl")
+    counts: dict[tuple[str, str], int] = {}
+    for r in records:
+        counts[(r["method"], r["target"])] = counts.get((r["method"], r["target"]), 0) + 1
+    done = {pair for pair, n in counts.items() if n == per_pair}
+    records = [r for r in records if (r["method"], r["target"]) in done]  # drop partial pairs
+
+    base = load_base(cfg.base, cfg.image_tower)
+    evaluator = load_evaluator(cfg.evaluator)
+    systems: dict = {}
+    ran, skipped = [], []
+    for method in chosen:
+        for t_index, target in enumerate(method_targets(method, targets)):
+            if (method.name, target.image) in done:
+                skipped.append((method.name, target.image))
+                if on_pair:
+                    on_pair(method.name, target.image, False)
+                continue
+            image = load_image(target.image)
+            pixels = image_to_tensor(image, base.resolution)  # [3, H, W] in [-1, 1]
+            reset_peak_memory()
+            start = time.perf_counter()
+            concept = personalize_with(method, base, pixels, systems, {"image": target.image})
+            seconds = time.perf_counter() - start
+            peak = concept.info.get("peak_memory_mb")
+            spelled = concept.info.get("prompt_placeholder", concept.placeholder)
+            prompts = [p.replace("S*", spelled) for p in cfg.prompts]
+            pipe = ConceptPipeline(base, concept, cfg.scheduler)
+            for seed in cfg.seeds:
+                images = pipe(prompts, num_images=1, num_inference_steps=cfg.sample_steps,
+                              guidance_scale=cfg.guidance, seed=seed)
+                for p_index, (prompt, rec) in enumerate(zip(cfg.prompts, score_images(
+                        evaluator, images, image, target, cfg.prompts))):
+                    file = None
+                    if cfg.save_images:
+                        file = f"images/{method.name}/{t_index:03d}_{target.concept}/p{p_index}_s{seed}.png"
+                        (out / file).parent.mkdir(parents=True, exist_ok=True)
+                        save_image_atomic(images[p_index], out / file)
+                    records.append({"method": method.name, "kind": method.kind, "steps": method.steps,
+                                    "target": target.image, "concept": target.concept, "name": target.name,
+                                    "category": target.category, "group": target.group, "prompt": prompt,
+                                    "prompt_index": p_index, "seed": seed, "file": file, **rec,
+                                    "seconds": round(seconds, 3), "peak_mb": peak, "hard_word": concept.hard_word})
+            _write_records(out / "records.jsonl", records)
+            ran.append((method.name, target.image))
+            log.debug("%s on %s: %.2fs", method.name, target.image, seconds)
+            if on_pair:
+                on_pair(method.name, target.image, True)
+    return {"records": records, "ran": ran, "skipped": skipped, "targets": targets}

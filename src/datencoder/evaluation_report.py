@@ -1,0 +1,167 @@
+"""Reports of an evaluation: per-method aggregates, a markdown table, a scatter plot, grids.
+
+Aggregates are computed per target first (the mean over its prompts x seeds; an attribute's
+accuracy only over the prompts that state it), then as mean +- std over targets, so every
+target weighs the same whatever the number of prompts stating each attribute.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["aggregate", "results_markdown", "scatter_plot", "example_grids", "METRICS"]
+
+METRICS = ("identity", "top1", "top5", "style_ok", "background_ok", "position_ok", "size_ok", "editability",
+           "seconds", "peak_mb")
+_TITLES = {"identity": "identity", "top1": "concept top-1", "top5": "concept top-5", "style_ok": "style",
+           "background_ok": "background", "position_ok": "position", "size_ok": "size",
+           "editability": "editability", "seconds": "seconds", "peak_mb": "peak MB"}
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _per_target(records: list[dict]) -> dict[str, float | None]:
+    row = {m: _mean(r.get(m) for r in records) for m in METRICS if m != "editability"}
+    # editability: every stated attribute check of every image counts once
+    row["editability"] = _mean(r[f"{a}_ok"] for r in records for a in ("background", "position", "size"))
+    return row
+
+
+def aggregate(records: list[dict], by_group: bool = False) -> dict:
+    """{method (or (method, group)): {metric: (mean, std, n_targets)}} in first-seen order."""
+    per: dict = {}
+    for r in records:
+        key = (r["method"], r["group"]) if by_group else r["method"]
+        per.setdefault(key, {}).setdefault(r["target"], []).append(r)
+    result = {}
+    for key, targets in per.items():
+        rows = [_per_target(recs) for recs in targets.values()]
+        result[key] = {}
+        for m in METRICS:
+            values = [row[m] for row in rows if row[m] is not None]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            result[key][m] = (sum(values) / len(values), std, len(values)) if values else (None, None, 0)
+    return result
+
+
+def _cell(stat, metric: str) -> str:
+    mean, std, _ = stat
+    if mean is None:
+        return "—"
+    if metric == "peak_mb":
+        return f"{mean:.0f} ± {std:.0f}"
+    if metric == "seconds":
+        return f"{mean:.2f} ± {std:.2f}"
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def _table(agg: dict, label) -> list[str]:
+    head = ["method", "targets"] + [_TITLES[m] for m in METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, stats in agg.items():
+        n = max(s[2] for s in stats.values())
+        lines.append("| " + " | ".join([label(key), str(n)] + [_cell(stats[m], m) for m in METRICS]) + " |")
+    return lines
+
+
+def results_markdown(records: list[dict], setup: dict | None = None) -> str:
+    lines = ["# Evaluation results", ""]
+    if setup:
+        lines += [f"Prompts ({len(setup['prompts'])}): " + "; ".join(f"`{p}`" for p in setup["prompts"]),
+                  f"Seeds: {setup['seeds']}; sampling: {setup['scheduler']} {setup['sample_steps']} steps, "
+                  f"guidance {setup['guidance']}; base `{setup['base']}`.", ""]
+    lines += ["Mean ± std over targets (each target: mean over its prompts × seeds). Identity: cosine of "
+              "evaluator embeddings to the input image; style: rate of the target's style; background / "
+              "position / size: accuracy over the prompts that state it; editability: all stated checks; "
+              "seconds and peak MB: personalisation only.", "", "## All targets", ""]
+    lines += _table(aggregate(records), str)
+    groups = sorted({r["group"] for r in records})
+    if len(groups) > 1:
+        lines += ["", "## By target group", ""]
+        lines += _table(aggregate(records, by_group=True), lambda k: f"{k[0]} ({k[1]})")
+    return "\n".join(lines) + "\n"
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+
+
+def scatter_plot(records: list[dict], size: tuple[int, int] = (640, 480)) -> Image.Image:
+    """Identity (x) vs editability (y), one labelled point per method (mean over targets)."""
+    agg = aggregate(records)
+    points = [(m, s["identity"][0], s["editability"][0]) for m, s in agg.items()
+              if s["identity"][0] is not None and s["editability"][0] is not None]
+    w, h = size
+    left, right, top, bottom = 60, 20, 30, 50
+    img = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    xs = [p[1] for p in points] or [0.0, 1.0]
+    ys = [p[2] for p in points] or [0.0, 1.0]
+    pad_x = max(0.05, (max(xs) - min(xs)) * 0.15)
+    pad_y = max(0.05, (max(ys) - min(ys)) * 0.15)
+    x0, x1 = min(xs) - pad_x, max(xs) + pad_x
+    # editability is a rate: keep its axis inside [0, 1]
+    y0, y1 = max(0.0, min(ys) - pad_y), min(1.0, max(ys) + pad_y)
+    if y1 <= y0:
+        y0, y1 = 0.0, 1.0
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x0) / (x1 - x0) * (w - left - right),
+                h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
+
+    draw.rectangle([left, top, w - right, h - bottom], outline=(0, 0, 0))
+    for tx in _ticks(x0, x1):
+        px, _ = to_px(tx, y0)
+        draw.line([px, h - bottom, px, h - bottom + 4], fill=(0, 0, 0))
+        draw.text((px - 12, h - bottom + 6), f"{tx:.2f}", fill=(0, 0, 0), font=font)
+    for ty in _ticks(y0, y1):
+        _, py = to_px(x0, ty)
+        draw.line([left - 4, py, left, py], fill=(0, 0, 0))
+        draw.text((left - 34, py - 5), f"{ty:.2f}", fill=(0, 0, 0), font=font)
+    draw.text(((w - 160) // 2, h - 22), "identity (cosine to input)", fill=(0, 0, 0), font=font)
+    draw.text((8, 8), "editability (stated attributes correct)", fill=(0, 0, 0), font=font)
+    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+               (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    for i, (name, x, y) in enumerate(points):
+        px, py = to_px(x, y)
+        colour = palette[i % len(palette)]
+        draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour, outline=(0, 0, 0))
+        # rotate label placements (above right, below right, left) so close points stay readable
+        dx, dy = ((6, -14), (6, 4), (-8 - draw.textlength(name, font=font), -5))[i % 3]
+        draw.text((px + dx, py + dy), name, fill=colour, font=font)
+    return img
+
+
+def example_grids(records: list[dict], out_dir: str | Path, max_targets: int = 2) -> list[Path]:
+    """One grid per target (the first ``max_targets``): a row per method, input image then prompts."""
+    from .image_io import load_image, make_grid, save_image_atomic
+
+    out_dir = Path(out_dir)
+    targets = list(dict.fromkeys(r["target"] for r in records if r.get("file")))[:max_targets]
+    written = []
+    for t_index, target in enumerate(targets):
+        recs = [r for r in records if r["target"] == target and r.get("file")]
+        seed = min(r["seed"] for r in recs)
+        methods = list(dict.fromkeys(r["method"] for r in recs))
+        prompts = sorted({r["prompt_index"] for r in recs})
+        reference = load_image(target)
+        images, labels = [], []
+        for method in methods:
+            by_prompt = {r["prompt_index"]: r for r in recs if r["method"] == method and r["seed"] == seed}
+            side = Image.open(out_dir / by_prompt[prompts[0]]["file"]).size
+            images.append(reference.resize(side))
+            labels.append(method)
+            for p in prompts:
+                images.append(Image.open(out_dir / by_prompt[p]["file"]).convert("RGB"))
+                labels.append(f"p{p}")
+        path = out_dir / f"grid_{t_index}_{Path(target).stem}.png"
+        save_image_atomic(make_grid(images, cols=len(prompts) + 1, labels=labels), path)
+        written.append(path)
+    return written

@@ -1,0 +1,52 @@
+"""``datencoder evaluate CONFIG [key=value ...] [--methods a,b]``: compare methods on emoji targets.
+
+Setup (config, targets), the harness (``datencoder.evaluation.run_evaluation``: personalise,
+generate, score every (method, target) pair not yet in OUTPUT/records.jsonl), then the reports:
+OUTPUT/results.md, OUTPUT/scatter.png and example grids. Re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="CONFIG", help="evaluation YAML (a path or a shipped name: eval_minisd)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seeds=[0]")
+    parser.add_argument("--methods", default=None, metavar="NAMES",
+                        help="comma-separated method names to run (default: all); reports cover all records")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from ..config import load_config
+    from ..evaluation import EvalConfig, method_targets, read_records, run_evaluation, select_targets
+    from ..evaluation_report import example_grids, results_markdown, scatter_plot
+    from ..image_io import save_image_atomic
+
+    cfg = load_config(args.config, args.overrides, cls=EvalConfig)
+    names = [n.strip() for n in args.methods.split(",")] if args.methods else None
+    targets = select_targets(cfg.targets)
+    total = sum(len(method_targets(m, targets)) for m in cfg.methods if names is None or m.name in names)
+    print(f"{len(targets)} targets, {total} (method, target) pairs -> {cfg.output_dir}")
+    with tqdm(total=total, desc="evaluate", unit="pair") as bar:
+        def on_pair(method: str, target: str, ran: bool) -> None:
+            bar.set_postfix(method=method)
+            bar.update(1)
+
+        result = run_evaluation(cfg, names, on_pair)
+    out = Path(cfg.output_dir)
+    records = read_records(out / "records.jsonl")
+    setup = json.loads((out / "eval_setup.json").read_text())
+    tmp = out / ".results.md.tmp"
+    tmp.write_text(results_markdown(records, setup))
+    tmp.replace(out / "results.md")
+    save_image_atomic(scatter_plot(records), out / "scatter.png")
+    grids = example_grids(records, out, cfg.grids) if cfg.save_images else []
+    print(f"ran {len(result['ran'])} pairs, skipped {len(result['skipped'])} already done")
+    print(f"wrote {out / 'records.jsonl'} ({len(records)} images), {out / 'results.md'}, {out / 'scatter.png'}"
+          + (f", {len(grids)} grids" if grids else ""))
+    return 0

@@ -1,0 +1,224 @@
+"""Evaluation harness and baselines on the tiny model with a random-weight evaluator."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from datencoder.attention import AdapterInputs
+from datencoder.base import load_base
+from datencoder.baselines import (DreamBoothLoRAConfig, TextualInversionConfig, add_peft_lora, dreambooth_lora,
+                                  peft_factors, textual_inversion)
+from datencoder.config import Config, from_dict, load_config, to_dict
+from datencoder.data.emoji import BACKGROUNDS, POSITIONS, SIZES, STYLES
+from datencoder.errors import DatencoderError
+from datencoder.evaluation import EvalConfig, TargetsConfig, parse_prompt, read_records, run_evaluation, select_targets
+from datencoder.evaluator import EvaluatorArch, EvaluatorNet, save_evaluator
+from datencoder.export import EMBEDDING_FILE, LORA_FILE, export_concept
+from datencoder.pipeline import ConceptPipeline
+from datencoder.system import EncoderSystem
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CONCEPTS = {"1f34e": ("noto_1f34e.png", "food-drink", "heldout_concept"),
+            "1f600": ("twemoji_1f600.png", "smileys-emotion", "heldout_style")}
+
+
+@pytest.fixture(scope="module")
+def base(tiny_base_dir):
+    return load_base(str(tiny_base_dir))
+
+
+@pytest.fixture(scope="module")
+def emoji_root(tmp_path_factory):
+    """A 2-concept manifest in the emoji layout (fluent3d sources taken from the fixtures)."""
+    root = tmp_path_factory.mktemp("emoji")
+    (root / "sources" / "fluent3d").mkdir(parents=True)
+    rows = []
+    for concept, (fixture, category, split) in CONCEPTS.items():
+        shutil.copy(FIXTURES / fixture, root / "sources" / "fluent3d" / f"{concept}.png")
+        rows.append({"file": f"images/fluent3d/{concept}_0.png", "source": f"sources/fluent3d/{concept}.png",
+                     "concept": concept, "name": concept, "category": category, "style": "fluent3d",
+                     "split": split})
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def evaluator_dir(tmp_path_factory):
+    arch = EvaluatorArch(stem_channels=4, widths=[8, 8], global_widths=[4, 4], layout_hidden=8, embed_dim=8)
+    labels = {"concept": ["1f34e", "1f600", "1f697"], "style": list(STYLES), "background": list(BACKGROUNDS),
+              "position": list(POSITIONS), "size": list(SIZES)}
+    torch.manual_seed(0)
+    net = EvaluatorNet(arch, {h: len(v) for h, v in labels.items()})
+    return save_evaluator(net, labels, tmp_path_factory.mktemp("evaluator"))
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tiny_base_dir, tmp_path_factory):
+    cfg = from_dict(Config, {"model": {"pretrained": str(tiny_base_dir)},
+                             "encoder": {"tower_layers": [-1, -2], "hidden_dim": 32}, "tune": {"batch_size": 2}})
+    return EncoderSystem(load_base(str(tiny_base_dir)), cfg).save(tmp_path_factory.mktemp("encoder"))
+
+
+def test_parse_prompt_reads_the_caption_vocabulary():
+    assert parse_prompt("S*") == {}
+    assert parse_prompt("S*, on a blue background") == {"background": "blue"}
+    assert parse_prompt("S*, small, top left") == {"size": "small", "position": "top left"}
+    assert parse_prompt("S*, large, center, on an orange background") == {
+        "size": "large", "position": "center", "background": "orange"}
+    assert parse_prompt("S*, top, on a teal background") == {"position": "top"}  # unknown colour: not stated
+
+
+def test_select_targets_groups_filters_and_explicit_images(emoji_root):
+    manifest = str(emoji_root / "manifest.jsonl")
+    groups = [{"name": "heldout", "split": "heldout_concept"}, {"name": "heldin", "split": "heldout_style"}]
+    cfg = from_dict(TargetsConfig, {"manifest": manifest, "groups": groups})
+    targets = select_targets(cfg)
+    assert [(t.concept, t.group, t.category) for t in targets] == [
+        ("1f34e", "heldout", "food-drink"), ("1f600", "heldin", "smileys-emotion")]
+    assert all(Path(t.image).is_file() and "sources" in t.image for t in targets)
+    only = from_dict(TargetsConfig, {"manifest": manifest, "groups": [{**groups[0], "categories": ["flags"]}],
+                                     "images": [str(emoji_root / "sources/fluent3d/1f600.png")]})
+    assert [(t.concept, t.group) for t in select_targets(only)] == [("1f600", "images")]
+    with pytest.raises(DatencoderError, match="no evaluation targets"):
+        select_targets(TargetsConfig())
+
+
+def _pixels(base, seed=0):
+    return torch.rand(3, base.resolution, base.resolution, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_textual_inversion_learns_only_the_embedding(base, tmp_path):
+    init = base.text_encoder.get_input_embeddings().weight[base.tokenizer.convert_tokens_to_ids("emoji")].clone()
+    concept = textual_inversion(base, _pixels(base), TextualInversionConfig(steps=2, batch_size=2, lr=0.1))
+    assert concept.factors == {} and concept.blend_self == concept.blend_cross == 1.0
+    assert not torch.allclose(concept.embedding, init) and (concept.embedding - init).abs().max() < 0.3
+    images = ConceptPipeline(base, concept)(["S*, small"], num_images=1, num_inference_steps=2, guidance_scale=2.0)
+    assert images[0].size == (base.resolution, base.resolution)
+    out = export_concept(concept, tmp_path / "ti")
+    assert (out / EMBEDDING_FILE).is_file() and not (out / LORA_FILE).exists()
+
+
+def test_peft_factors_reproduce_the_peft_unet(base):
+    keys = sorted(k for k in ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                              "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+                              "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0"))
+    peft_unet = add_peft_lora(base.unet, keys, rank=2, alpha=6.0)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    states = base.encode_prompt(base.tokenize(["a photo of a red dog"] * 2))
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        vanilla = base.unet(latents, t, states).sample
+        assert torch.equal(peft_unet(latents, t, states).sample, vanilla)  # B = 0: the identity
+        for name, p in peft_unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        reference = peft_unet(latents, t, states).sample
+        factors, scale = peft_factors(peft_unet, keys)
+        assert scale == 3.0 and set(factors) == set(keys)
+        batched = {k: (A.unsqueeze(0), B.unsqueeze(0)) for k, (A, B) in factors.items()}
+        ours = base.unet(latents, t, states, cross_attention_kwargs={
+            "adapter": AdapterInputs(factors=batched, scale=scale)}).sample
+    assert not torch.allclose(reference, vanilla, atol=1e-4)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_dreambooth_lora_concept_generates_and_exports(base, tmp_path):
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    cfg = DreamBoothLoRAConfig(steps=2, batch_size=2, rank=2, rare_word="ghost", lr=1e-2)
+    concept = dreambooth_lora(base, _pixels(base, 1), cfg)
+    assert all(torch.equal(v, before[k]) for k, v in base.unet.state_dict().items())  # base untouched
+    assert concept.hard_word == "ghost" and concept.info["prompt_placeholder"] == "S* emoji"
+    ghost = base.text_encoder.get_input_embeddings().weight[base.tokenizer.convert_tokens_to_ids("ghost")]
+    assert torch.equal(concept.embedding, ghost.float())
+    assert concept.factors and all(A.shape[0] == 2 == B.shape[1] for A, B in concept.factors.values())
+    assert any(B.abs().max() > 0 for _, B in concept.factors.values())
+    images = ConceptPipeline(base, concept)(["S* emoji, on a red background"], num_images=1, num_inference_steps=2)
+    assert len(images) == 1
+    out = export_concept(concept, tmp_path / "db")
+    assert (out / LORA_FILE).is_file()
+    with pytest.raises(DatencoderError, match="not a single token"):
+        dreambooth_lora(base, _pixels(base), DreamBoothLoRAConfig(steps=1, rare_word="zzqx"))
+
+
+def _eval_config(tiny_base_dir, emoji_root, evaluator_dir, encoder_dir, out) -> EvalConfig:
+    data = {
+        "base": str(tiny_base_dir), "evaluator": str(evaluator_dir), "output_dir": str(out),
+        "prompts": ["S*, on a blue background", "S*, small, top left"], "seeds": [0],
+        "sample_steps": 2, "guidance": 2.0, "grids": 1,
+        "targets": {"manifest": str(emoji_root / "manifest.jsonl"),
+                    "groups": [{"name": "heldout", "split": "heldout_concept"},
+                               {"name": "heldin", "split": "heldout_style"}]},
+        "methods": [
+            {"name": "ours-1", "kind": "ours", "encoder": str(encoder_dir), "steps": 1},
+            {"name": "ti-2", "kind": "textual_inversion", "steps": 2, "overrides": {"batch_size": 2}},
+            {"name": "db-2", "kind": "dreambooth_lora", "steps": 2,
+             "overrides": {"batch_size": 2, "rank": 2, "rare_word": "ghost"}, "categories": ["food-drink"]},
+        ],
+    }
+    return from_dict(EvalConfig, data)
+
+
+def test_harness_writes_reports_and_resumes(tiny_base_dir, emoji_root, evaluator_dir, encoder_dir, tmp_path):
+    from datencoder.recipes.cli import main
+
+    out = tmp_path / "eval"
+    cfg = _eval_config(tiny_base_dir, emoji_root, evaluator_dir, encoder_dir, out)
+    config_file = tmp_path / "eval.yaml"
+    config_file.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert main(["evaluate", str(config_file)]) == 0
+    records = read_records(out / "records.jsonl")
+    assert len(records) == (2 + 2 + 1) * 2  # db-2 only sees its category's target
+    assert {(r["method"], r["concept"]) for r in records if r["method"] == "db-2"} == {("db-2", "1f34e")}
+    for r in records:
+        assert -1.0001 <= r["identity"] <= 1.0001 and r["top1"] in (0, 1) and r["top5"] in (0, 1)
+        assert r["top5"] >= r["top1"] and r["seconds"] > 0 and r["peak_mb"] > 0
+        stated = parse_prompt(r["prompt"])
+        assert {a for a in ("background", "position", "size") if r[f"{a}_ok"] is not None} == set(stated)
+        assert (out / r["file"]).is_file()
+    text = (out / "results.md").read_text()
+    assert all(f"| {m} |" in text for m in ("ours-1", "ti-2", "db-2")) and "heldin" in text
+    assert Image.open(out / "scatter.png").size == (640, 480)
+    assert list(out.glob("grid_0_*.png"))
+
+    again = run_evaluation(cfg)
+    assert again["ran"] == [] and len(again["skipped"]) == 5
+    assert read_records(out / "records.jsonl") == records
+    # a crash mid-pair leaves a partial pair: only that pair is redone
+    partial = [r for r in records if not (r["method"] == "ti-2" and r["concept"] == "1f600" and r["prompt_index"])]
+    (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in partial))
+    redo = run_evaluation(cfg, methods=["ti-2"])
+    assert [m for m, _ in redo["ran"]] == ["ti-2"] and "1f600" in redo["ran"][0][1]
+    assert len(read_records(out / "records.jsonl")) == len(records)
+
+
+def test_shipped_eval_config_lists_every_method():
+    cfg = load_config("eval_minisd", cls=EvalConfig)
+    kinds = {m.kind for m in cfg.methods}
+    assert kinds == {"ours", "textual_inversion", "dreambooth_lora"}
+    assert len(cfg.prompts) >= 8 and all(parse_prompt(p) for p in cfg.prompts[1:])
+    steps = {(m.kind, m.steps) for m in cfg.methods}
+    assert {("textual_inversion", s) for s in (100, 500, 2000)} <= steps
+    assert {("dreambooth_lora", s) for s in (50, 200, 800)} <= steps
+    assert {("ours", s) for s in (0, 4, 12, 50)} <= steps
+
+
+def test_manifest_category_filter_for_single_domain_pretraining(emoji_root):
+    from datencoder.data.folder import ImageFolderDataset, read_manifest_files
+
+    manifest = emoji_root / "manifest.jsonl"
+    splits = ["heldout_concept", "heldout_style"]
+    assert len(read_manifest_files(manifest, splits, use_source=True)) == 2
+    only = read_manifest_files(manifest, splits, use_source=True, categories=["smileys-emotion"])
+    assert [p.name for p in only] == ["1f600.png"]
+    with pytest.raises(DatencoderError, match="no images"):
+        ImageFolderDataset("", 32, ["S*"], manifest=manifest, splits=splits, use_source=True, categories=["flags"])
+    with pytest.raises(DatencoderError, match="needs a manifest"):
+        ImageFolderDataset(emoji_root, 32, ["S*"], categories=["flags"])
