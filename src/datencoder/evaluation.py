@@ -229,9 +229,6 @@ def personalize_with(method: MethodConfig, base, pixels: torch.Tensor, system_ca
     from .tuning import personalize
 
     if method.name not in system_cache:
-        if not Path(method.encoder, "encoder.json").is_file():
-            raise DatencoderError(f"method {method.name}: no encoder in {method.encoder}; pre-train it first "
-                                  "(docs/evaluation.md lists the command)")
         overrides = {s: dict(v) for s, v in method.overrides.items()}
         overrides.setdefault("tune", {})["steps"] = method.steps
         system_cache[method.name] = EncoderSystem.load(method.encoder, base, overrides)
@@ -310,6 +307,11 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
     unknown = sorted(set(methods or []) - {m.name for m in cfg.methods})
     if unknown:
         raise DatencoderError(f"unknown method(s) {unknown}; the config has {[m.name for m in cfg.methods]}")
+    missing = [f"{m.name} ({m.encoder})" for m in chosen
+               if m.kind == "ours" and not Path(m.encoder, "encoder.json").is_file()]
+    if missing:  # fail before hours of baselines, not when the first encoder method comes up
+        raise DatencoderError(f"no pre-trained encoder for {', '.join(missing)}; pre-train them "
+                              "(docs/evaluation.md) or leave them out with --methods")
     targets = select_targets(cfg.targets)
     per_pair = len(cfg.prompts) * len(cfg.seeds)
     records = read_records(out / "records.jsonl")
@@ -319,8 +321,10 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
     done = {pair for pair, n in counts.items() if n == per_pair}
     records = [r for r in records if (r["method"], r["target"]) in done]  # drop partial pairs
 
-    base = load_base(cfg.base, cfg.image_tower)
-    evaluator = load_evaluator(cfg.evaluator)
+    pending = [(m, t) for m in chosen for t in method_targets(m, targets) if (m.name, t.image) not in done]
+    # models are loaded only when there is work: a finished evaluation re-renders its reports in seconds
+    base = load_base(cfg.base, cfg.image_tower) if pending else None
+    evaluator = load_evaluator(cfg.evaluator) if pending else None
     systems: dict = {}
     ran, skipped = [], []
     for method in chosen:
