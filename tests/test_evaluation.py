@@ -222,3 +222,10 @@ def test_manifest_category_filter_for_single_domain_pretraining(emoji_root):
         ImageFolderDataset("", 32, ["S*"], manifest=manifest, splits=splits, use_source=True, categories=["flags"])
     with pytest.raises(DatencoderError, match="needs a manifest"):
         ImageFolderDataset(emoji_root, 32, ["S*"], categories=["flags"])
+
+
+def test_missing_encoder_fails_before_any_work(tiny_base_dir, emoji_root, evaluator_dir, tmp_path):
+    cfg = _eval_config(tiny_base_dir, emoji_root, evaluator_dir, tmp_path / "nowhere", tmp_path / "eval")
+    with pytest.raises(DatencoderError, match=r"no pre-trained encoder for ours-1 \("):
+        run_evaluation(cfg)
+    assert not (tmp_path / "eval" / "records.jsonl").exists()
