@@ -1,0 +1,281 @@
+"""Two auxiliary stages of the embedded default, run as ``datencoder minisd {tower,evaluator} CONFIG``.
+
+* ``tower``: the image tower of minisd-emoji, a small CLIPVisionModel trained contrastively
+  against frozen MiniLM sentence embeddings of train-split captions; exported next to the VAE
+  and UNet in assets/minisd-emoji/image_tower.
+* ``evaluator``: the measuring CNN (concept, style, background, position, size, identity
+  embedding), trained on every concept and style from fresh compositions of the clean sources;
+  composition index ``val_index`` of every (concept, style) is never trained on and is its
+  validation set. Exported to assets/evaluator.
+
+Both reuse the minisd training loop (bf16, EMA, wall-clock budget, resumable checkpoints) and
+export the EMA weights when training stops, then write their measured accuracy to the work dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from ..config import to_dict
+from ..data.emoji import STYLE_WORDS, STYLES
+from ..emoji_batches import (AugmentConfig, SourceBank, augment, composition_index, load_rows_uint8,
+                             read_concepts, read_rows)
+from ..evaluator import HEADS, EvaluatorArch, EvaluatorNet, save_evaluator
+from ..minisd.checkpoint import atomic_save_tensors, atomic_write_text
+from ..minisd.data import load_text_encoder
+from ..minisd.training import MiniTrainConfig, train
+from ..tower import ContrastiveTower, TowerArch, clip_loss, retrieval_accuracy, save_tower, sentence_embeddings
+
+__all__ = ["TowerStageConfig", "EvaluatorStageConfig", "run_tower", "run_evaluator", "full_caption"]
+
+logger = logging.getLogger(__name__)
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+@dataclass
+class TowerDataConfig:
+    root: str = "/work/data/emoji"
+    eval_rows: int = 512
+    """Train-split rows kept out of training, for caption->image retrieval."""
+    eval_batch: int = 256
+    """Retrieval is scored among this many images at a time."""
+
+
+@dataclass
+class TowerStageConfig:
+    model: TowerArch = field(default_factory=TowerArch)
+    data: TowerDataConfig = field(default_factory=TowerDataConfig)
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(blur_prob=0.1, noise_std=0.02))
+    train: MiniTrainConfig = field(default_factory=lambda: MiniTrainConfig(work_dir="/work/runs/minisd/tower", threads=1))
+    init_temperature: float = 0.07
+    export_dir: str = ""
+    """Empty: the package's assets/minisd-emoji/image_tower."""
+
+
+@dataclass
+class EvaluatorDataConfig:
+    root: str = "/work/data/emoji"
+    val_index: int = 3
+    """Composition index of every (concept, style) held out as the evaluator's validation set."""
+
+
+@dataclass
+class EvaluatorStageConfig:
+    model: EvaluatorArch = field(default_factory=EvaluatorArch)
+    data: EvaluatorDataConfig = field(default_factory=EvaluatorDataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: MiniTrainConfig = field(default_factory=lambda: MiniTrainConfig(work_dir="/work/runs/minisd/evaluator", threads=1))
+    head_weights: dict[str, float] = field(default_factory=lambda: {h: 1.0 for h in HEADS})
+    label_smoothing: float = 0.1
+    imprint_compositions: int = 3
+    """Compositions per render averaged into its concept prototype (sizes cycle, the rest random)."""
+    export_dir: str = ""
+    """Empty: the package's assets/evaluator."""
+
+
+def full_caption(row: dict) -> str:
+    """Every attribute of a composed example, in the data set's caption wording."""
+    bg = row["background"]
+    article = "an" if bg[0] in "aeiou" else "a"
+    return f"{row['name']}, {STYLE_WORDS[row['style']]} style, {row['size']}, {row['position']}, on {article} {bg} background"
+
+
+def _text_embeddings(captions: list[str], cache: Path) -> torch.Tensor:
+    """Frozen MiniLM sentence embeddings, cached in the work dir (keyed by the caption list)."""
+    digest = hashlib.sha256("\n".join(captions).encode()).hexdigest()
+    if cache.exists():
+        with safe_open(str(cache), "pt") as f:
+            if (f.metadata() or {}).get("digest") == digest:
+                return f.get_tensor("embeddings")
+    tokenizer, encoder = load_text_encoder(128)  # captions are ~20 tokens; nothing is cut
+    logger.info("embedding %d captions with MiniLM", len(captions))
+    emb = sentence_embeddings(captions, encoder, tokenizer)
+    atomic_save_tensors({"embeddings": emb}, cache, {"digest": digest})
+    return emb
+
+
+def _to_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def _retrieval(model: ContrastiveTower, images: torch.Tensor, text: torch.Tensor, batch: int) -> dict:
+    """Mean caption->image top-1/top-5 over consecutive batches of ``batch`` pairs."""
+    model.eval()
+    scores = []
+    for start in range(0, len(images) - batch + 1, batch):
+        img = model(_to_float(images[start : start + batch]))
+        scores.append(retrieval_accuracy(img, text[start : start + batch]))
+    return {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]} | {"batch": batch, "pairs": batch * len(scores)}
+
+
+def run_tower(cfg: TowerStageConfig, resume: bool) -> int:
+    torch.set_num_threads(cfg.train.threads)
+    root = cfg.data.root
+    rows = read_rows(root, ["train"])
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    perm = torch.randperm(len(rows), generator=gen).tolist()
+    eval_rows = [rows[i] for i in perm[: cfg.data.eval_rows]]
+    train_rows = [rows[i] for i in perm[cfg.data.eval_rows :]]
+    heldout = read_rows(root, ["heldout_concept"])
+    heldout = [heldout[i] for i in torch.randperm(len(heldout), generator=gen)[: cfg.data.eval_rows].tolist()]
+    groups = {"train": train_rows, "eval_train_style": eval_rows, "eval_heldout_concept": heldout}
+    captions = [full_caption(r) for g in groups.values() for r in g]
+    work = Path(cfg.train.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    text = _text_embeddings(captions, work / "text.safetensors")
+    images = load_rows_uint8(root, [r for g in groups.values() for r in g], cfg.model.image_size)
+    torch.set_num_threads(cfg.train.threads)
+    n_train, n_eval = len(train_rows), len(eval_rows)
+    model = ContrastiveTower(cfg.model, text.shape[1], cfg.init_temperature)
+    logger.info("tower: %.2fM parameters, %d training pairs", sum(p.numel() for p in model.parameters()) / 1e6, n_train)
+
+    def loss_fn(m, idx, g):
+        with torch.autocast("cpu", enabled=False):
+            x = augment(_to_float(images[idx]), cfg.augment, g)
+        emb = m(x)
+        loss = clip_loss(emb.float(), text[idx], m.logit_scale)
+        return {"loss": loss, "temperature": 1.0 / m.logit_scale.detach().exp()}
+
+    result = train(model, n_train, loss_fn, cfg.train, resume, None, {"config": to_dict(cfg)})
+    ema = _ema_model(model, work)
+    metrics = {
+        "step": result["step"],
+        "train_minutes": result["train_seconds"] / 60,
+        "temperature": float(1.0 / ema.logit_scale.exp()),
+        "train_style_heldout_rows": _retrieval(ema, images[n_train : n_train + n_eval], text[n_train : n_train + n_eval], cfg.data.eval_batch),
+        "heldout_concept": _retrieval(ema, images[n_train + n_eval :], text[n_train + n_eval :], cfg.data.eval_batch),
+    }
+    out = Path(cfg.export_dir) if cfg.export_dir else ASSETS / "minisd-emoji" / "image_tower"
+    save_tower(ema.vision, out, [0.5] * 3, [0.5] * 3)
+    # The projection into MiniLM space is shipped too: it lets image features be compared with
+    # sentence embeddings (an image-text score for the minisd-emoji world).
+    atomic_save_tensors({"weight": ema.proj.weight.detach().half()}, out / "projection.safetensors")
+    atomic_write_text(out / "datencoder_tower.json", json.dumps({"config": to_dict(cfg), "metrics": metrics}, indent=1))
+    atomic_write_text(work / "metrics.json", json.dumps(metrics, indent=1))
+    logger.info("tower retrieval: %s", json.dumps(metrics))
+    return 0
+
+
+def _ema_model(model: torch.nn.Module, work: Path) -> torch.nn.Module:
+    """The model carrying the EMA weights of the stage's checkpoint, in eval mode, fp32."""
+    tensors = load_file(str(work / "checkpoint.safetensors"))
+    model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, strict=False)
+    return model.eval()
+
+
+def _labels_of(rows: list[dict], index: dict[str, dict[str, int]]) -> dict[str, torch.Tensor]:
+    return {h: torch.tensor([index[h][r[h]] for r in rows]) for h in HEADS}
+
+
+@torch.no_grad()
+def evaluate_heads(net: EvaluatorNet, images: torch.Tensor, labels: dict[str, torch.Tensor],
+                   batch: int = 512) -> dict[str, float]:
+    """Top-1 accuracy per head and concept top-5 on uint8 images."""
+    net.eval()
+    logits = {h: [] for h in HEADS}
+    for start in range(0, len(images), batch):
+        out, _ = net(_to_float(images[start : start + batch]))
+        for h in HEADS:
+            logits[h].append(out[h])
+    logits = {h: torch.cat(v) for h, v in logits.items()}
+    acc = {h: float((logits[h].argmax(-1) == labels[h]).float().mean()) for h in HEADS}
+    top5 = logits["concept"].topk(5, dim=-1).indices
+    acc["concept_top5"] = float((top5 == labels["concept"][:, None]).any(-1).float().mean())
+    return acc
+
+
+def run_evaluator(cfg: EvaluatorStageConfig, resume: bool) -> int:
+    torch.set_num_threads(cfg.train.threads)
+    root = cfg.data.root
+    rows = read_rows(root)
+    concepts = read_concepts(root, rows)
+    work = Path(cfg.train.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    bank = SourceBank(root, [(c["key"], s) for c in concepts for s in STYLES], work / "sources.safetensors")
+    labels = {"concept": [c["key"] for c in concepts], "style": list(STYLES), "background": bank.backgrounds,
+              "position": bank.positions, "size": bank.sizes}
+    index = {h: {v: i for i, v in enumerate(vs)} for h, vs in labels.items()}
+    source_of = {src: i for i, src in enumerate(bank.sources)}
+    src_concept = torch.tensor([index["concept"][k] for k, _ in bank.sources])
+    src_style = torch.tensor([index["style"][s] for _, s in bank.sources])
+    # The validation composition of each source is never drawn for training (see module doc).
+    val_rows = [r for r in rows if composition_index(r) == cfg.data.val_index]
+    held = torch.full((len(bank), 3), -1, dtype=torch.long)
+    for r in val_rows:
+        held[source_of[(r["concept"], r["style"])]] = torch.tensor(
+            [index["size"][r["size"]], index["position"][r["position"]], index["background"][r["background"]]])
+    net = EvaluatorNet(cfg.model, {h: len(v) for h, v in labels.items()})
+    logger.info("evaluator: %.2fM parameters, %d sources, %d validation images",
+                sum(p.numel() for p in net.parameters()) / 1e6, len(bank), len(val_rows))
+
+    def loss_fn(m, idx, g):
+        with torch.autocast("cpu", enabled=False):
+            y = {"size": torch.randint(len(bank.sizes), (len(idx),), generator=g),
+                 "position": torch.randint(len(bank.positions), (len(idx),), generator=g),
+                 "background": torch.randint(len(bank.backgrounds), (len(idx),), generator=g)}
+            clash = (torch.stack([y["size"], y["position"], y["background"]], 1) == held[idx]).all(1)
+            y["background"] = torch.where(clash, (y["background"] + 1) % len(bank.backgrounds), y["background"])
+            x = augment(bank.compose(idx, y["size"], y["position"], y["background"]), cfg.augment, g)
+        y["concept"], y["style"] = src_concept[idx], src_style[idx]
+        logits, _ = m(x)
+        terms = {h: F.cross_entropy(logits[h].float(), y[h], label_smoothing=cfg.label_smoothing) for h in HEADS}
+        terms["loss"] = sum(cfg.head_weights.get(h, 1.0) * terms[h] for h in HEADS)
+        return terms
+
+    result = train(net, len(bank), loss_fn, cfg.train, resume, None, {"config": to_dict(cfg)})
+    ema = _ema_model(net, work)
+    val_images = load_rows_uint8(root, val_rows, cfg.model.image_size)
+    val_labels = _labels_of(val_rows, index)
+    # Imprinted per-style prototypes usually beat the classifier trained for a few hundred steps:
+    # a validation image is a new composition of a render the prototypes were built from.
+    counts = {h: len(v) for h, v in labels.items()}
+    imprinted = EvaluatorNet(replace(cfg.model, prototypes_per_concept=len(STYLES)), counts)
+    imprinted.load_state_dict({k: v for k, v in ema.state_dict().items() if k != "prototypes"}, strict=False)
+    imprinted.prototypes.copy_(_imprint(ema, bank, src_concept, src_style, counts, cfg.imprint_compositions))
+    candidates = {"classifier": ema, "prototypes": imprinted}
+    metrics = {"step": result["step"], "train_minutes": result["train_seconds"] / 60,
+               "val_index": cfg.data.val_index,
+               "concept_head_val": {k: evaluate_heads(m, val_images, val_labels)["concept"] for k, m in candidates.items()}}
+    head = max(candidates, key=lambda k: metrics["concept_head_val"][k])
+    best = candidates[head]
+    metrics["concept_head"] = head
+    metrics["val_all"] = evaluate_heads(best, val_images, val_labels)
+    for split in ("train", "heldout_concept", "heldout_style"):
+        keep = torch.tensor([r["split"] == split for r in val_rows])
+        metrics[f"val_{split}"] = evaluate_heads(best, val_images[keep], {h: v[keep] for h, v in val_labels.items()})
+    out = Path(cfg.export_dir) if cfg.export_dir else ASSETS / "evaluator"
+    names = {c["key"]: c["name"] for c in concepts}
+    save_evaluator(best, labels, out, names, {"config": to_dict(cfg), "metrics": metrics})
+    atomic_write_text(work / "metrics.json", json.dumps(metrics, indent=1))
+    logger.info("evaluator validation: %s", json.dumps(metrics))
+    return 0
+
+
+@torch.no_grad()
+def _imprint(net: EvaluatorNet, bank: SourceBank, src_concept: torch.Tensor, src_style: torch.Tensor,
+             counts: dict[str, int], per_source: int, batch: int = 512) -> torch.Tensor:
+    """[concepts, styles, D]: mean embedding of ``per_source`` compositions of each render."""
+    net.eval()
+    gen = torch.Generator().manual_seed(0)
+    protos = torch.zeros(counts["concept"], counts["style"], net.arch.embed_dim)
+    for start in tqdm(range(0, len(bank), batch), desc="imprint", mininterval=10):
+        idx = torch.arange(start, min(start + batch, len(bank)))
+        acc = torch.zeros(len(idx), net.arch.embed_dim)
+        for j in range(per_source):
+            size = torch.full((len(idx),), j % len(bank.sizes))
+            position = torch.randint(len(bank.positions), (len(idx),), generator=gen)
+            background = torch.randint(len(bank.backgrounds), (len(idx),), generator=gen)
+            acc += net(bank.compose(idx, size, position, background))[1]
+        protos[src_concept[idx], src_style[idx]] = F.normalize(acc, dim=-1)
+    return protos
