@@ -129,6 +129,7 @@ def test_vae_and_unet_resume_bit_identically_and_export_loads(tmp_path):
         assert torch.equal(v, ema[k].half().float()), k
     cached = load_file(str(tmp_path / "split" / "cache" / "latents.safetensors"))["latents"]
     assert cached.shape[0] == 5  # the held-out row is never trained on
+    assert (tmp_path / "split" / "unet" / "samples" / "exported.png").exists()
 
 
 def test_cached_text_states_match_what_a_stock_pipeline_encodes():

@@ -162,7 +162,26 @@ def run_export(cfg: UNetStageConfig, resume: bool) -> int:
     out = Path(cfg.export_dir) if cfg.export_dir else default_export_dir()
     export_minisd(vae, unet, scheduler, trained.data.max_length, out)
     logger.info("exported UNet step %d to %s", saved["step"], out)
+    if cfg.grid.num_prompts:
+        _grid_from_export(out, trained, saved["prompts"], Path(cfg.train.work_dir) / "samples" / "exported.png")
     return 0
+
+
+def _grid_from_export(out: Path, cfg: UNetStageConfig, prompts: list[str], path: Path) -> None:
+    """Reload the fp16 export with stock diffusers (computing in fp32) and sample the grid prompts."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32)
+    scheduler = DDPMScheduler.from_pretrained(out / "scheduler")
+    tokenizer, encoder = load_text_encoder(cfg.data.max_length)
+    pipe = make_pipeline(vae, unet, scheduler, tokenizer, encoder)
+    rows = read_manifest(cfg.data)
+    by_caption = {r["caption"]: r for r in rows}
+    real = load_images([by_caption[p] for p in prompts], cfg.data.root, vae.config.sample_size)
+    samples = [sample_images(pipe, prompts, cfg.grid.steps, cfg.grid.guidance, cfg.grid.seed + s) for s in range(cfg.grid.seeds)]
+    save_grid([real] + samples, path)
+    logger.info("sample grid of the exported model: %s", path)
 
 
 STAGES: dict[str, Stage] = {
