@@ -32,10 +32,10 @@ def test_locate_finds_the_pasted_emoji():
     assert (box[0] - torch.tensor([x0, y0, x1 - 1, y1 - 1], dtype=torch.float)).abs().max() <= 1
 
 
-@pytest.mark.parametrize("prototypes", [0, 2])
-def test_save_load_round_trip(tmp_path, prototypes):
+@pytest.mark.parametrize("prototypes,proto_style", [(0, False), (2, False), (2, True)])
+def test_save_load_round_trip(tmp_path, prototypes, proto_style):
     arch = EvaluatorArch(stem_channels=4, widths=[8, 8], global_widths=[4, 4], layout_hidden=8, embed_dim=8,
-                         prototypes_per_concept=prototypes)
+                         prototypes_per_concept=prototypes, prototype_style=proto_style)
     labels = {"concept": ["a", "b", "c"], "style": ["s1", "s2"], "background": ["white", "blue"],
               "position": ["center", "left"], "size": ["small", "large"]}
     net = EvaluatorNet(arch, {h: len(v) for h, v in labels.items()}).eval()
@@ -54,6 +54,9 @@ def test_save_load_round_trip(tmp_path, prototypes):
         cos = emb @ loaded.net.prototypes.flatten(0, 1).t()  # [2, 3 * prototypes]
         expected = arch.concept_scale * cos.view(2, 3, prototypes).amax(-1)
         assert torch.allclose(out["concept"], expected, atol=1e-4)
+    if proto_style:  # ... and the style score the best match over every concept of that style
+        expected = arch.concept_scale * cos.view(2, 3, prototypes).amax(1)
+        assert torch.allclose(out["style"], expected, atol=1e-4)
 
 
 def test_missing_weights_name_the_fix(tmp_path):

@@ -73,6 +73,9 @@ class EvaluatorArch:
     """0: the concept head is the trained cosine classifier. K > 0: it is K imprinted prototypes per
     concept (one per style: the mean embedding of that render's compositions), scored by the best
     match, so the head works like a nearest-render search."""
+    prototype_style: bool = False
+    """With one prototype per style: the style score is the best match over every concept's
+    prototype of that style (the style of the nearest render) instead of the trained style head."""
 
 
 class _Block(nn.Module):
@@ -148,6 +151,8 @@ class EvaluatorNet(nn.Module):
         missing = [h for h in HEADS if h not in num_classes]
         if missing:
             raise DatencoderError(f"evaluator needs class counts for heads {missing}")
+        if arch.prototype_style and arch.prototypes_per_concept != num_classes["style"]:
+            raise DatencoderError("evaluator prototype_style needs prototypes_per_concept == number of styles")
         self.arch = arch
         self.stem = nn.Sequential(
             nn.Conv2d(3, arch.stem_channels, 3, 1, 1, bias=False),
@@ -182,16 +187,20 @@ class EvaluatorNet(nn.Module):
         emb = F.normalize(self.embed(feat), dim=-1)  # [B, D]
         # Cosine classifier: the concept decision is a nearest-prototype search in embedding
         # space, which is what makes the embedding a usable identity similarity.
+        style = self.style(feat)
         if a.prototypes_per_concept > 0:
             c, k, d = self.prototypes.shape
-            cos = (emb @ self.prototypes.reshape(c * k, d).t()).view(-1, c, k).amax(dim=-1)  # [B, C]
+            sims = (emb @ self.prototypes.reshape(c * k, d).t()).view(-1, c, k)  # [B, C, K]
+            cos = sims.amax(dim=-1)  # [B, C]
+            if a.prototype_style:
+                style = a.concept_scale * sims.amax(dim=1)  # [B, K]: K is the number of styles
         else:
             cos = emb @ F.normalize(self.concept.weight, dim=-1).t()  # [B, C]
         geometry = torch.cat([box / (x.shape[-1] - 1) * 2 - 1, bg], dim=1)  # [B, 7]
         layout = self.layout(torch.cat([geometry, self.glob(small).flatten(1)], dim=1))
         logits = {
             "concept": a.concept_scale * cos,
-            "style": self.style(feat),
+            "style": style,
             "background": self.background(layout),
             "position": self.position(layout),
             "size": self.size(layout),
