@@ -74,8 +74,10 @@ class EvaluatorArch:
     concept (one per style: the mean embedding of that render's compositions), scored by the best
     match, so the head works like a nearest-render search."""
     prototype_style: bool = False
-    """With one prototype per style: the style score is the best match over every concept's
-    prototype of that style (the style of the nearest render) instead of the trained style head."""
+    """Prototype k of a concept belongs to style k mod (number of styles); the style score is then
+    the best match over every prototype of that style (the style of the nearest render) instead
+    of the trained style head. Several prototypes per style hold several views of the render
+    (e.g. the composite itself and its reconstruction by the base model's VAE)."""
 
 
 class _Block(nn.Module):
@@ -151,8 +153,8 @@ class EvaluatorNet(nn.Module):
         missing = [h for h in HEADS if h not in num_classes]
         if missing:
             raise DatencoderError(f"evaluator needs class counts for heads {missing}")
-        if arch.prototype_style and arch.prototypes_per_concept != num_classes["style"]:
-            raise DatencoderError("evaluator prototype_style needs prototypes_per_concept == number of styles")
+        if arch.prototype_style and (arch.prototypes_per_concept % num_classes["style"] or not arch.prototypes_per_concept):
+            raise DatencoderError("evaluator prototype_style needs prototypes_per_concept = a multiple of the styles")
         self.arch = arch
         self.stem = nn.Sequential(
             nn.Conv2d(3, arch.stem_channels, 3, 1, 1, bias=False),
@@ -193,7 +195,8 @@ class EvaluatorNet(nn.Module):
             sims = (emb @ self.prototypes.reshape(c * k, d).t()).view(-1, c, k)  # [B, C, K]
             cos = sims.amax(dim=-1)  # [B, C]
             if a.prototype_style:
-                style = a.concept_scale * sims.amax(dim=1)  # [B, K]: K is the number of styles
+                views = sims.view(len(sims), c, -1, style.shape[1])  # [B, C, K / styles, styles]
+                style = a.concept_scale * views.amax(dim=(1, 2))  # [B, styles]
         else:
             cos = emb @ F.normalize(self.concept.weight, dim=-1).t()  # [B, C]
         geometry = torch.cat([box / (x.shape[-1] - 1) * 2 - 1, bg], dim=1)  # [B, 7]

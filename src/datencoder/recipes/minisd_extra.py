@@ -79,6 +79,10 @@ class EvaluatorStageConfig:
     label_smoothing: float = 0.1
     imprint_compositions: int = 3
     """Compositions per render averaged into its concept prototype (sizes cycle, the rest random)."""
+    imprint_vae: str = "minisd-emoji"
+    """VAE folder ('minisd-emoji': the embedded default's) whose reconstruction of one composition
+    per render becomes a second set of prototypes, so decoded (generated) images are recognised;
+    empty: none."""
     export_dir: str = ""
     """Empty: the package's assets/evaluator."""
 
@@ -241,9 +245,12 @@ def run_evaluator(cfg: EvaluatorStageConfig, resume: bool) -> int:
     # a validation image is a new composition of a render the prototypes were built from.
     counts = {h: len(v) for h, v in labels.items()}
     protos = _imprint(ema, bank, src_concept, src_style, counts, cfg.imprint_compositions)
+    vae = _imprint_vae(cfg.imprint_vae)
+    if vae is not None:  # second view of every render: as the base model's VAE gives it back
+        protos = torch.cat([protos, _imprint(ema, bank, src_concept, src_style, counts, 1, vae=vae)], dim=1)
     candidates = {"classifier": ema}
     for name, style in (("prototypes", False), ("prototypes+style", True)):
-        net_p = EvaluatorNet(replace(cfg.model, prototypes_per_concept=len(STYLES), prototype_style=style), counts)
+        net_p = EvaluatorNet(replace(cfg.model, prototypes_per_concept=protos.shape[1], prototype_style=style), counts)
         net_p.load_state_dict({k: v for k, v in ema.state_dict().items() if k != "prototypes"}, strict=False)
         net_p.prototypes.copy_(protos)
         candidates[name] = net_p
@@ -259,6 +266,12 @@ def run_evaluator(cfg: EvaluatorStageConfig, resume: bool) -> int:
     for split in ("train", "heldout_concept", "heldout_style"):
         keep = torch.tensor([r["split"] == split for r in val_rows])
         metrics[f"val_{split}"] = evaluate_heads(best, val_images[keep], {h: v[keep] for h, v in val_labels.items()})
+    if vae is not None:  # how the shipped heads read decoded images: 512 validation images
+        pick = torch.randperm(len(val_rows), generator=torch.Generator().manual_seed(0))[:512]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            rec = vae.decode(vae.encode(_to_float(val_images[pick])).latent_dist.mean).sample.float()
+        rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        metrics["val_vae_reconstructed_512"] = evaluate_heads(best, rec, {h: v[pick] for h, v in val_labels.items()})
     out = Path(cfg.export_dir) if cfg.export_dir else ASSETS / "evaluator"
     names = {c["key"]: c["name"] for c in concepts}
     save_evaluator(best, labels, out, names, {"config": to_dict(cfg), "metrics": metrics})
@@ -267,20 +280,38 @@ def run_evaluator(cfg: EvaluatorStageConfig, resume: bool) -> int:
     return 0
 
 
+def _imprint_vae(path: str):
+    """The AutoencoderKL whose reconstructions get their own prototypes, or None."""
+    if not path:
+        return None
+    folder = ASSETS / "minisd-emoji" / "vae" if path == "minisd-emoji" else Path(path)
+    if not (folder / "config.json").exists():
+        logger.warning("no VAE at %s: prototypes of reconstructions skipped", folder)
+        return None
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval()
+
+
 @torch.no_grad()
 def _imprint(net: EvaluatorNet, bank: SourceBank, src_concept: torch.Tensor, src_style: torch.Tensor,
-             counts: dict[str, int], per_source: int, batch: int = 512) -> torch.Tensor:
-    """[concepts, styles, D]: mean embedding of ``per_source`` compositions of each render."""
+             counts: dict[str, int], per_source: int, batch: int = 512, vae=None) -> torch.Tensor:
+    """[concepts, styles, D]: mean embedding of ``per_source`` compositions of each render
+    (passed through ``vae`` first when given: posterior mean, then decode)."""
     net.eval()
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(1 if vae is not None else 0)
     protos = torch.zeros(counts["concept"], counts["style"], net.arch.embed_dim)
     for start in tqdm(range(0, len(bank), batch), desc="imprint", mininterval=10):
         idx = torch.arange(start, min(start + batch, len(bank)))
         acc = torch.zeros(len(idx), net.arch.embed_dim)
         for j in range(per_source):
-            size = torch.full((len(idx),), j % len(bank.sizes))
+            size = torch.full((len(idx),), (j + (vae is not None)) % len(bank.sizes))
             position = torch.randint(len(bank.positions), (len(idx),), generator=gen)
             background = torch.randint(len(bank.backgrounds), (len(idx),), generator=gen)
-            acc += net(bank.compose(idx, size, position, background))[1]
+            x = bank.compose(idx, size, position, background)
+            if vae is not None:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    x = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+            acc += net(x)[1]
         protos[src_concept[idx], src_style[idx]] = F.normalize(acc, dim=-1)
     return protos
