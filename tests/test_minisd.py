@@ -111,7 +111,11 @@ def test_vae_and_unet_resume_bit_identically_and_export_loads(tmp_path):
         assert sa["step"] == sb["step"] == 4 and sa["noise_rng"] == sb["noise_rng"]
 
     _, unet4 = _tiny(tmp_path / "split", 4)
+    foreign = tmp_path / "split" / "export" / "image_tower" / "config.json"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_text("{}")
     _run("export", unet4)
+    assert foreign.read_text() == "{}"  # export replaces only its own parts
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     out = tmp_path / "split" / "export"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -26,10 +27,13 @@ def export_minisd(
 ) -> Path:
     """fp16 safetensors in vae/, unet/, scheduler/ plus datencoder_base.json.
 
-    The folder is built next to ``out_dir`` and swapped in at the end, so a reader never
-    sees half an export. The text encoder is not copied: the loader imports its package.
+    Each part is written to a temporary folder beside ``out_dir`` and then swapped in, so a
+    reader never sees half a part. Anything else in ``out_dir`` (e.g. the image tower that
+    another stage ships in the same folder) is left alone. The text encoder is not copied:
+    the loader imports its package.
     """
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -44,10 +48,13 @@ def export_minisd(
         "tokenizer": {"python_package": TEXT_ENCODER_PACKAGE, "model_max_length": max_length},
     }
     (tmp / "datencoder_base.json").write_text(json.dumps(base, indent=2) + "\n")
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    for part in ("vae", "unet", "scheduler"):
+        old = out_dir / f".{part}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if (out_dir / part).exists():
+            (out_dir / part).rename(old)
+        (tmp / part).rename(out_dir / part)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp / "datencoder_base.json", out_dir / "datencoder_base.json")
+    shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

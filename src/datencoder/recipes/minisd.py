@@ -22,7 +22,7 @@ from ..config import from_dict, load_config, to_dict
 from ..errors import DatencoderError
 from ..minisd.checkpoint import atomic_save_tensors, load_ema_weights
 from ..minisd.config import UNetStageConfig, VAEStageConfig
-from ..minisd.data import build_caption_table, encode_text, load_images, load_text_encoder, read_manifest
+from ..minisd.data import build_caption_table, caption_parts, encode_text, load_images, load_text_encoder, read_manifest
 from ..minisd.export import default_export_dir, export_minisd
 from ..minisd.losses import diffusion_loss, vae_loss
 from ..minisd.models import MiniVAEConfig, build_scheduler, build_unet, build_vae, seeded_init
@@ -115,6 +115,12 @@ def _load_cache(cfg: UNetStageConfig, num_rows: int):
     return latents, text["states"], text["table"], scaling
 
 
+def _grid_prompts(rows: list[dict], cfg: UNetStageConfig, resolution: int) -> tuple[list[str], torch.Tensor]:
+    """Full captions of ``grid.num_prompts`` rows spread over the manifest, and their images."""
+    show = [rows[int(i)] for i in torch.linspace(0, len(rows) - 1, cfg.grid.num_prompts).long()]
+    return [", ".join(caption_parts(r)) for r in show], load_images(show, cfg.data.root, resolution)
+
+
 def run_unet(cfg: UNetStageConfig, resume: bool) -> int:
     rows = read_manifest(cfg.data)
     latents, states, table, scaling = _load_cache(cfg, len(rows))
@@ -125,9 +131,7 @@ def run_unet(cfg: UNetStageConfig, resume: bool) -> int:
     scheduler = build_scheduler(cfg.diffusion.num_train_timesteps, cfg.diffusion.prediction_type)
     logger.info("UNet: %.2fM parameters, %d examples", sum(p.numel() for p in unet.parameters()) / 1e6, len(rows))
     k = table.shape[1]
-    show = torch.linspace(0, len(rows) - 1, cfg.grid.num_prompts).long()
-    prompts = [rows[int(i)]["caption"] for i in show]
-    real = load_images([rows[int(i)] for i in show], cfg.data.root, arch.resolution)
+    prompts, real = _grid_prompts(rows, cfg, arch.resolution)
 
     def loss_fn(model, idx, gen):
         b = len(idx)
@@ -163,11 +167,11 @@ def run_export(cfg: UNetStageConfig, resume: bool) -> int:
     export_minisd(vae, unet, scheduler, trained.data.max_length, out)
     logger.info("exported UNet step %d to %s", saved["step"], out)
     if cfg.grid.num_prompts:
-        _grid_from_export(out, trained, saved["prompts"], Path(cfg.train.work_dir) / "samples" / "exported.png")
+        _grid_from_export(out, trained, Path(cfg.train.work_dir) / "samples" / "exported.png")
     return 0
 
 
-def _grid_from_export(out: Path, cfg: UNetStageConfig, prompts: list[str], path: Path) -> None:
+def _grid_from_export(out: Path, cfg: UNetStageConfig, path: Path) -> None:
     """Reload the fp16 export with stock diffusers (computing in fp32) and sample the grid prompts."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
@@ -176,9 +180,7 @@ def _grid_from_export(out: Path, cfg: UNetStageConfig, prompts: list[str], path:
     scheduler = DDPMScheduler.from_pretrained(out / "scheduler")
     tokenizer, encoder = load_text_encoder(cfg.data.max_length)
     pipe = make_pipeline(vae, unet, scheduler, tokenizer, encoder)
-    rows = read_manifest(cfg.data)
-    by_caption = {r["caption"]: r for r in rows}
-    real = load_images([by_caption[p] for p in prompts], cfg.data.root, vae.config.sample_size)
+    prompts, real = _grid_prompts(read_manifest(cfg.data), cfg, vae.config.sample_size)
     samples = [sample_images(pipe, prompts, cfg.grid.steps, cfg.grid.guidance, cfg.grid.seed + s) for s in range(cfg.grid.seeds)]
     save_grid([real] + samples, path)
     logger.info("sample grid of the exported model: %s", path)
