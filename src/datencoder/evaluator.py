@@ -53,9 +53,14 @@ class EvaluatorArch:
     image_size: int = 64
     crop_size: int = 32
     """Side of the resampled emoji crop the concept branch reads."""
-    detect_threshold: float = 0.12
+    detect_threshold: float = 0.25
     """A pixel belongs to the emoji when a channel differs from the background by more than this
     (images in [-1, 1], after a 3x3 mean filter that suppresses noise)."""
+    detect_border: int = 2
+    """Pixels at the frame edge ignored by detection: the data set keeps them free and VAE decoders
+    smear colour there, which would otherwise stretch the box to the edge."""
+    detect_min_pixels: int = 3
+    """A row or column joins the box only with at least this many emoji pixels (drops specks)."""
     crop_margin: float = 0.08
     """Extra border around the detected box, as a fraction of its side."""
     stem_channels: int = 24
@@ -108,7 +113,8 @@ def _stages(cin: int, widths: list[int], blocks: int) -> nn.Sequential:
 
 
 @torch.no_grad()
-def locate(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def locate(x: torch.Tensor, threshold: float, border: int = 0,
+           min_pixels: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Background colour [B, 3] and a square box [B, 4] (x0, y0, x1, y1, pixels) around the emoji.
 
     x: [B, 3, H, W] in [-1, 1]. A frame with no foreground pixels gets the whole image as box.
@@ -119,7 +125,11 @@ def locate(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tenso
     bg = ring.median(dim=2).values  # [B, 3]
     smooth = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
     mask = (smooth - bg[:, :, None, None]).abs().amax(dim=1) > threshold  # [B, H, W]
-    rows, cols = mask.any(dim=2), mask.any(dim=1)  # [B, H], [B, W]
+    if border:
+        inner = torch.zeros(h, w, dtype=torch.bool)
+        inner[border : h - border, border : w - border] = True
+        mask = mask & inner
+    rows, cols = mask.sum(dim=2) >= min_pixels, mask.sum(dim=1) >= min_pixels  # [B, H], [B, W]
     found = rows.any(dim=1)
     y0 = rows.float().argmax(dim=1)
     y1 = h - 1 - rows.flip(1).float().argmax(dim=1)
@@ -182,7 +192,7 @@ class EvaluatorNet(nn.Module):
         """x: [B, 3, H, W] in [-1, 1] -> (logits per head, normalised embedding [B, embed_dim])."""
         a = self.arch
         with torch.autocast(x.device.type, enabled=False):
-            bg, box = locate(x, a.detect_threshold)
+            bg, box = locate(x, a.detect_threshold, a.detect_border, a.detect_min_pixels)
             crop = _square_crop(x, box, a.crop_margin, a.crop_size)  # [B, 3, crop, crop]
             small = F.interpolate(x.float(), size=(a.global_size, a.global_size), mode="area")
         feat = self.stages(self.stem(crop)).mean(dim=(2, 3))  # [B, width]
