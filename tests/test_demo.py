@@ -32,7 +32,7 @@ def test_demo_writes_one_grid_with_both_rows(tiny_base_dir, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "encoder+tuning" in out.stdout and "wrote grid.png" in out.stdout
     grid = Image.open(tmp_path / "grid.png")
-    assert grid.width > grid.height > 0  # 2 rows of 1 input + 7 prompts
+    assert grid.width > 2.5 * grid.height  # 2 rows x 8 tiles (input + 7 prompts), labels under each
 
 
 def test_demo_without_an_encoder_is_one_line(tmp_path):
@@ -43,3 +43,14 @@ def test_demo_without_an_encoder_is_one_line(tmp_path):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert lines[-1].startswith("error: no encoder at") and "Traceback" not in out.stderr
+
+
+def test_demo_on_the_shipped_model(tmp_path):
+    import pytest
+
+    if not (DEFAULT_ENCODER_DIR / "encoder.json").exists():
+        pytest.skip("the embedded encoder is not shipped in this checkout")
+    out = _run("--steps", "2", "--sample-steps", "3", "--out", "demo.png", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    grid = Image.open(tmp_path / "demo.png")
+    assert grid.width > 2.5 * grid.height  # 2 rows x 8 tiles (input + 7 prompts), labels under each
