@@ -23,6 +23,8 @@ from .errors import DatencoderError
 
 __all__ = [
     "write_json_atomic",
+    "write_text_atomic",
+    "save_file_atomic",
     "save_tensors_atomic",
     "load_tensors",
     "read_json",
@@ -33,38 +35,41 @@ __all__ = [
 FORMAT_VERSION = 1
 
 
-def _atomic_target(path: Path) -> str:
+def _atomic(path: str | Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it into place."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; artifacts get the usual permissions
-    return tmp
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    tmp = _atomic_target(path)
     try:
-        Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_file_atomic(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A plain safetensors file (no datencoder kind), written atomically."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_tensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor], kind: str,
                         metadata: dict[str, str] | None = None) -> None:
-    path = Path(path)
-    tmp = _atomic_target(path)
     meta = {"datencoder.kind": kind, "datencoder.format": str(FORMAT_VERSION), **(metadata or {})}
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_file_atomic(path, tensors, meta)
 
 
 def load_tensors(path: str | Path, kind: str) -> dict[str, torch.Tensor]:
