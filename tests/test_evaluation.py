@@ -190,13 +190,44 @@ def test_harness_writes_reports_and_resumes(tiny_base_dir, emoji_root, evaluator
 
     again = run_evaluation(cfg)
     assert again["ran"] == [] and len(again["skipped"]) == 5
-    assert read_records(out / "records.jsonl") == records
+    assert read_records(out) == records  # the per-method files hold what records.jsonl merges
     # a crash mid-pair leaves a partial pair: only that pair is redone
-    partial = [r for r in records if not (r["method"] == "ti-2" and r["concept"] == "1f600" and r["prompt_index"])]
-    (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in partial))
+    ti_file = out / "records" / "ti-2.jsonl"
+    partial = [r for r in read_records(ti_file) if not (r["concept"] == "1f600" and r["prompt_index"])]
+    ti_file.write_text("".join(json.dumps(r) + "\n" for r in partial))
     redo = run_evaluation(cfg, methods=["ti-2"])
     assert [m for m, _ in redo["ran"]] == ["ti-2"] and "1f600" in redo["ran"][0][1]
-    assert len(read_records(out / "records.jsonl")) == len(records)
+    assert len(read_records(out)) == len(records)
+
+
+@pytest.mark.parametrize("kind", ["textual_inversion", "dreambooth_lora"])
+def test_continued_baseline_equals_a_straight_run(base, kind):
+    """ti-100 -> ti-500 in the harness continues one run: the result must be the straight run's."""
+    from datencoder.baselines import OptimisationRun
+
+    if kind == "textual_inversion":
+        fn, make = textual_inversion, lambda n: TextualInversionConfig(steps=n, batch_size=2, lr=0.05)
+    else:
+        fn, make = dreambooth_lora, lambda n: DreamBoothLoRAConfig(steps=n, batch_size=2, rank=2, lr=0.05,
+                                                                    rare_word="ghost")
+    pixels = _pixels(base)
+    straight = fn(base, pixels, make(3))
+    run = OptimisationRun()
+    first = fn(base, pixels, make(1), run=run)
+    assert run.steps == 1 and run.seconds > 0
+    continued = fn(base, pixels, make(3), run=run)
+    assert run.steps == 3 and continued.info["tuning_s"] >= first.info["tuning_s"]
+    assert torch.equal(continued.embedding, straight.embedding)
+    assert continued.factors.keys() == straight.factors.keys()
+    for key, (a, b) in straight.factors.items():
+        assert torch.equal(continued.factors[key][0], a) and torch.equal(continued.factors[key][1], b)
+    if kind == "textual_inversion":
+        assert not torch.equal(first.embedding, straight.embedding)
+    else:
+        assert any(not torch.equal(first.factors[k][1], b) for k, (_, b) in straight.factors.items())
+    # other settings (or fewer steps) start afresh instead of continuing
+    fresh = fn(base, pixels, make(2), run=run)
+    assert run.steps == 2 and torch.equal(fresh.embedding, fn(base, pixels, make(2)).embedding)
 
 
 def test_shipped_eval_config_lists_every_method():

@@ -39,8 +39,8 @@ from .objective import Objective
 from .system import EncoderSystem, prepare_base
 from .tokens import vocabulary
 
-__all__ = ["TextualInversionConfig", "DreamBoothLoRAConfig", "textual_inversion", "dreambooth_lora",
-           "add_peft_lora", "peft_factors"]
+__all__ = ["TextualInversionConfig", "DreamBoothLoRAConfig", "OptimisationRun", "textual_inversion",
+           "dreambooth_lora", "add_peft_lora", "peft_factors"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,34 @@ class DreamBoothLoRAConfig:
     seed: int = 0
 
 
+@dataclass
+class OptimisationRun:
+    """A baseline's optimisation so far, which a longer run of the same settings continues.
+
+    Pass the same (initially empty) object to successive calls with growing ``steps`` and
+    otherwise identical settings: each call resumes the optimiser, the parameters and the random
+    generator where the last one stopped, so ``steps=500`` after ``steps=100`` gives exactly the
+    concept of a straight 500-step run, for the cost of 400 more steps. ``seconds`` and
+    ``peak_mb`` cover the whole run so far, which is what a straight run would have cost.
+    """
+
+    steps: int = 0
+    seconds: float = 0.0
+    peak_mb: float = 0.0
+    settings: dict | None = None
+    state: dict = field(default_factory=dict)
+
+    def usable_for(self, settings: dict, steps: int) -> bool:
+        return self.settings == settings and self.steps <= steps and bool(self.state)
+
+    def reset(self, settings: dict) -> None:
+        self.steps, self.seconds, self.peak_mb, self.settings, self.state = 0, 0.0, 0.0, settings, {}
+
+
+def _settings(method_cfg) -> dict:
+    return {k: v for k, v in to_dict(method_cfg).items() if k != "steps"}
+
+
 def _objective_config(base: BaseModel, templates, hflip, scale_min, seed) -> Config:
     """The method's Config with every regulariser and the dual path off: plain diffusion loss."""
     return from_dict(Config, {
@@ -96,12 +124,11 @@ def _encode_latents(base: BaseModel, pixels: Tensor, generator: torch.Generator)
     return EncoderSystem.encode_latents(types.SimpleNamespace(base=base), pixels, generator)
 
 
-def _optimise(objective: Objective, base: BaseModel, pixels: Tensor, steps: int, batch_size: int,
-              templates: list[str], hflip: bool, scale_min: float, embedding: Tensor, params: list[Tensor],
-              lr: float, generator: torch.Generator, callback: StepCallback | None) -> None:
-    """Adam on ``params`` for ``steps`` single-path steps on augmented copies of one image."""
-    optimizer = torch.optim.Adam(params, lr=lr)
-    for step in range(steps):
+def _optimise(objective: Objective, base: BaseModel, pixels: Tensor, steps: range, batch_size: int,
+              templates: list[str], hflip: bool, scale_min: float, embedding: Tensor,
+              optimizer: torch.optim.Optimizer, generator: torch.Generator, callback: StepCallback | None) -> None:
+    """``optimizer`` (Adam on the trained tensors) for the single-path ``steps`` on augmented copies of one image."""
+    for step in steps:
         views = augment_views(pixels, batch_size, generator, hflip, scale_min)  # [b, 3, H, W]
         batch = objective.add_noise(_encode_latents(base, views, generator), generator)
         picks = torch.randint(0, len(templates), (batch_size,), generator=generator).tolist()
@@ -114,46 +141,67 @@ def _optimise(objective: Objective, base: BaseModel, pixels: Tensor, steps: int,
             callback(step, {"loss": float(loss.detach())})
 
 
+def _advance(run: OptimisationRun, steps: int, start: float, optimise: Callable[[range], None]) -> None:
+    """Optimise from ``run.steps`` to ``steps`` and add the time (``start``: this call's start) and peak."""
+    from .tuning import peak_memory_mb
+
+    optimise(range(run.steps, steps))
+    run.steps = steps
+    run.seconds += time.perf_counter() - start
+    run.peak_mb = max(run.peak_mb, peak_memory_mb())
+
+
 def _single_token(base: BaseModel, word: str) -> int | None:
     ids = base.tokenizer(word, add_special_tokens=False)["input_ids"]
     return ids[0] if len(ids) == 1 else None
 
 
 def _concept(base: BaseModel, cfg: Config, embedding: Tensor, factors, hard_word: str, scale: float,
-             method: str, method_cfg, seconds: float, info: dict | None) -> Concept:
-    from .tuning import peak_memory_mb
-
+             method: str, method_cfg, run: OptimisationRun, info: dict | None) -> Concept:
     return Concept(
         embedding=embedding.detach().reshape(-1).clone(), factors=factors, hard_word=hard_word,
         placeholder=cfg.model.placeholder, token=cfg.model.token, blend_self=1.0, blend_cross=1.0,
         scale=scale, base={"name": base.name, "fingerprint": base.fingerprint},
         config={**to_dict(cfg), "baseline": {"method": method, **to_dict(method_cfg)}},
-        info={**(info or {}), "method": method, "encoder_s": 0.0, "tuning_s": round(seconds, 4),
-              "steps": method_cfg.steps, "peak_memory_mb": round(peak_memory_mb(), 1)},
+        info={**(info or {}), "method": method, "encoder_s": 0.0, "tuning_s": round(run.seconds, 4),
+              "steps": method_cfg.steps, "peak_memory_mb": round(run.peak_mb, 1)},
     )
 
 
 def textual_inversion(base: BaseModel, pixels: Tensor, tcfg: TextualInversionConfig | None = None,
-                      callback: StepCallback | None = None, info: dict | None = None) -> Concept:
-    """pixels: [3, H, W] in [-1, 1] -> a concept with an optimised embedding and no factors."""
+                      callback: StepCallback | None = None, info: dict | None = None,
+                      run: OptimisationRun | None = None) -> Concept:
+    """pixels: [3, H, W] in [-1, 1] -> a concept with an optimised embedding and no factors.
+
+    ``run``: continue that optimisation if it has the same settings and no more steps (see
+    ``OptimisationRun``); it is updated in place.
+    """
     tcfg = tcfg or TextualInversionConfig()
-    cfg = _objective_config(base, tcfg.templates, tcfg.hflip, tcfg.scale_min, tcfg.seed)
-    vocab_ids, vocab_table = vocabulary(base.tokenizer, base.text_encoder, cfg.loss.whole_words_only)
-    token_id = prepare_base(base, cfg.model.token)
-    objective = Objective(base, cfg, token_id, vocab_ids, vocab_table)
+    run = run if run is not None else OptimisationRun()
+    settings = _settings(tcfg)
     start = time.perf_counter()
-    init_id = _single_token(base, tcfg.init_word) if tcfg.init_word else None
-    table = base.text_encoder.get_input_embeddings().weight
-    if init_id is None:
-        log.debug("init word %r is not one token: starting from the vocabulary mean", tcfg.init_word)
-    init = vocab_table.mean(0) if init_id is None else table[init_id].detach().float()
-    embedding = init.clone().unsqueeze(0).requires_grad_()  # [1, D]
-    gen = torch.Generator().manual_seed(tcfg.seed)
-    _optimise(objective, base, pixels, tcfg.steps, tcfg.batch_size, list(tcfg.templates), tcfg.hflip,
-              tcfg.scale_min, embedding, [embedding], tcfg.lr, gen, callback)
-    seconds = time.perf_counter() - start
-    hard_word = objective.hard_words(embedding.detach())[0]
-    return _concept(base, cfg, embedding, {}, hard_word, 1.0, "textual_inversion", tcfg, seconds, info)
+    if not run.usable_for(settings, tcfg.steps):
+        run.reset(settings)
+        cfg = _objective_config(base, tcfg.templates, tcfg.hflip, tcfg.scale_min, tcfg.seed)
+        vocab_ids, vocab_table = vocabulary(base.tokenizer, base.text_encoder, cfg.loss.whole_words_only)
+        token_id = prepare_base(base, cfg.model.token)
+        objective = Objective(base, cfg, token_id, vocab_ids, vocab_table)
+        start = time.perf_counter()  # the vocabulary table is cached per base: not the method's cost
+        init_id = _single_token(base, tcfg.init_word) if tcfg.init_word else None
+        table = base.text_encoder.get_input_embeddings().weight
+        if init_id is None:
+            log.debug("init word %r is not one token: starting from the vocabulary mean", tcfg.init_word)
+        init = vocab_table.mean(0) if init_id is None else table[init_id].detach().float()
+        embedding = init.clone().unsqueeze(0).requires_grad_()  # [1, D]
+        run.state = {"cfg": cfg, "objective": objective, "embedding": embedding,
+                     "optimizer": torch.optim.Adam([embedding], lr=tcfg.lr),
+                     "generator": torch.Generator().manual_seed(tcfg.seed)}
+    st = run.state
+    _advance(run, tcfg.steps, start, lambda steps: _optimise(
+        st["objective"], base, pixels, steps, tcfg.batch_size, list(tcfg.templates), tcfg.hflip, tcfg.scale_min,
+        st["embedding"], st["optimizer"], st["generator"], callback))
+    hard_word = st["objective"].hard_words(st["embedding"].detach())[0]
+    return _concept(base, st["cfg"], st["embedding"], {}, hard_word, 1.0, "textual_inversion", tcfg, run, info)
 
 
 # -- DreamBooth-LoRA ------------------------------------------------------------------------------
@@ -192,36 +240,51 @@ def peft_factors(unet, keys: list[str], adapter_name: str = "dreambooth") -> tup
 
 
 def dreambooth_lora(base: BaseModel, pixels: Tensor, dcfg: DreamBoothLoRAConfig | None = None,
-                    callback: StepCallback | None = None, info: dict | None = None) -> Concept:
-    """pixels: [3, H, W] in [-1, 1] -> a concept whose S* is a fixed rare token, with LoRA factors."""
+                    callback: StepCallback | None = None, info: dict | None = None,
+                    run: OptimisationRun | None = None) -> Concept:
+    """pixels: [3, H, W] in [-1, 1] -> a concept whose S* is a fixed rare token, with LoRA factors.
+
+    ``run``: continue that optimisation if it has the same settings and no more steps (see
+    ``OptimisationRun``); it is updated in place.
+    """
     dcfg = dcfg or DreamBoothLoRAConfig()
     token_id = _single_token(base, dcfg.rare_word)
     if token_id is None:
         raise DatencoderError(f"DreamBooth rare word {dcfg.rare_word!r} is not a single token of this "
                               f"tokenizer; set rare_word to one (e.g. 'sks' for CLIP, 'xu' for MiniLM)")
+    run = run if run is not None else OptimisationRun()
+    settings = _settings(dcfg)
     cfg = _objective_config(base, dcfg.templates, dcfg.hflip, dcfg.scale_min, dcfg.seed)
     placeholder = cfg.model.placeholder
     spelled = f"{placeholder} {dcfg.class_word}".strip()
     templates = [t.replace(placeholder, spelled) for t in dcfg.templates]
-    vocab_ids, vocab_table = vocabulary(base.tokenizer, base.text_encoder, cfg.loss.whole_words_only)
-    prepare_base(base, cfg.model.token)
     start = time.perf_counter()
-    enc_cfg = dataclasses.replace(cfg.encoder, rank=dcfg.rank, targets=list(dcfg.targets),
-                                  attention_kinds=list(dcfg.attention_kinds))
-    keys = sorted(target_layer_shapes(base.unet, enc_cfg))
-    alpha = float(dcfg.alpha if dcfg.alpha is not None else dcfg.rank)
-    peft_unet = add_peft_lora(base.unet, keys, dcfg.rank, alpha)
-    lora_params = [p for n, p in peft_unet.named_parameters() if "lora_" in n]
-    for p in lora_params:
-        p.requires_grad_(True)
-    # The same Objective, on a base whose UNet is the peft copy; S* embeds as the rare word.
-    peft_base = dataclasses.replace(base, unet=peft_unet)
-    objective = Objective(peft_base, cfg, prepare_base(base, cfg.model.token), vocab_ids, vocab_table)
-    embedding = base.text_encoder.get_input_embeddings().weight[token_id].detach().float().unsqueeze(0)
-    gen = torch.Generator().manual_seed(dcfg.seed)
-    _optimise(objective, peft_base, pixels, dcfg.steps, dcfg.batch_size, templates, dcfg.hflip,
-              dcfg.scale_min, embedding, lora_params, dcfg.lr, gen, callback)
-    factors, scale = peft_factors(peft_unet, keys)
-    seconds = time.perf_counter() - start
+    if not run.usable_for(settings, dcfg.steps):
+        run.reset(settings)
+        vocab_ids, vocab_table = vocabulary(base.tokenizer, base.text_encoder, cfg.loss.whole_words_only)
+        prepare_base(base, cfg.model.token)
+        start = time.perf_counter()
+        enc_cfg = dataclasses.replace(cfg.encoder, rank=dcfg.rank, targets=list(dcfg.targets),
+                                      attention_kinds=list(dcfg.attention_kinds))
+        keys = sorted(target_layer_shapes(base.unet, enc_cfg))
+        alpha = float(dcfg.alpha if dcfg.alpha is not None else dcfg.rank)
+        with torch.random.fork_rng(devices=[]):  # peft draws A from the global generator: seed it
+            torch.manual_seed(dcfg.seed)
+            peft_unet = add_peft_lora(base.unet, keys, dcfg.rank, alpha)
+        lora_params = [p for n, p in peft_unet.named_parameters() if "lora_" in n]
+        for p in lora_params:
+            p.requires_grad_(True)
+        # The same Objective, on a base whose UNet is the peft copy; S* embeds as the rare word.
+        peft_base = dataclasses.replace(base, unet=peft_unet)
+        objective = Objective(peft_base, cfg, prepare_base(base, cfg.model.token), vocab_ids, vocab_table)
+        embedding = base.text_encoder.get_input_embeddings().weight[token_id].detach().float().unsqueeze(0)
+        run.state = {"keys": keys, "peft_unet": peft_unet, "peft_base": peft_base, "objective": objective,
+                     "embedding": embedding, "optimizer": torch.optim.Adam(lora_params, lr=dcfg.lr),
+                     "generator": torch.Generator().manual_seed(dcfg.seed)}
+    st = run.state
+    _advance(run, dcfg.steps, start, lambda steps: _optimise(
+        st["objective"], st["peft_base"], pixels, steps, dcfg.batch_size, templates, dcfg.hflip, dcfg.scale_min,
+        st["embedding"], st["optimizer"], st["generator"], callback))
+    factors, scale = peft_factors(st["peft_unet"], st["keys"])
     info = {**(info or {}), "prompt_placeholder": spelled}
-    return _concept(base, cfg, embedding, factors, dcfg.rare_word, scale, "dreambooth_lora", dcfg, seconds, info)
+    return _concept(base, cfg, st["embedding"], factors, dcfg.rare_word, scale, "dreambooth_lora", dcfg, run, info)

@@ -215,16 +215,22 @@ def reset_peak_memory(device: torch.device | str = "cpu") -> None:
         log.debug("cannot reset the peak RSS: peak memory is the process maximum so far")
 
 
-def personalize_with(method: MethodConfig, base, pixels: torch.Tensor, system_cache: dict, info: dict):
-    """One method's concept for one image ([3, H, W] in [-1, 1])."""
+def personalize_with(method: MethodConfig, base, pixels: torch.Tensor, system_cache: dict, info: dict,
+                     run=None):
+    """One method's concept for one image ([3, H, W] in [-1, 1]).
+
+    ``run``: a baseline's ``OptimisationRun`` to continue (same settings, fewer steps), or None.
+    """
     from .baselines import DreamBoothLoRAConfig, TextualInversionConfig, dreambooth_lora, textual_inversion
 
     if method.kind == "textual_inversion":
         return textual_inversion(base, pixels, from_dict(TextualInversionConfig, {**method.overrides,
-                                                                                  "steps": method.steps}), info=info)
+                                                                                  "steps": method.steps}),
+                                 info=info, run=run)
     if method.kind == "dreambooth_lora":
         return dreambooth_lora(base, pixels, from_dict(DreamBoothLoRAConfig, {**method.overrides,
-                                                                              "steps": method.steps}), info=info)
+                                                                              "steps": method.steps}),
+                               info=info, run=run)
     from .system import EncoderSystem
     from .tuning import personalize
 
@@ -266,13 +272,22 @@ def score_images(evaluator, images, reference, target: Target, prompts: list[str
 
 
 def read_records(path: str | Path) -> list[dict]:
+    """Records of one JSONL file, or of every ``records/*.jsonl`` file of an evaluation folder."""
     path = Path(path)
+    if path.is_dir():
+        return [r for f in sorted((path / "records").glob("*.jsonl")) for r in read_records(f)]
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def records_file(output_dir: str | Path, method: str) -> Path:
+    """One file per method, so that processes running different methods never write the same file."""
+    return Path(output_dir) / "records" / f"{method}.jsonl"
+
+
 def _write_records(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     tmp.replace(path)
@@ -283,9 +298,14 @@ PairCallback = Callable[[str, str, bool], None]
 
 def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
                    on_pair: PairCallback | None = None) -> dict:
-    """Run every (method, target) pair not yet in ``records.jsonl``; return {records, done, skipped}.
+    """Run every (method, target) pair not yet recorded; return {records, ran, skipped, targets}.
 
-    ``methods`` restricts the run to those method names; ``on_pair(method, target, ran)`` reports progress.
+    Records go to ``records/<method>.jsonl`` (``read_records(output_dir)`` reads them all), so
+    several processes may run disjoint ``methods`` into one folder at the same time. Baselines
+    that differ only in their step count (ti-100, ti-500, ti-2000) continue one optimisation per
+    target when they run in one process, in the config's order: each result equals a straight
+    run of its length, and its reported seconds are those of the whole run.
+    ``on_pair(method, target, ran)`` reports progress.
     """
     from .base import load_base
     from .evaluator import load_evaluator
@@ -314,20 +334,23 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
                               "(docs/evaluation.md) or leave them out with --methods")
     targets = select_targets(cfg.targets)
     per_pair = len(cfg.prompts) * len(cfg.seeds)
-    records = read_records(out / "records.jsonl")
+    by_method = {m.name: read_records(records_file(out, m.name)) for m in chosen}
     counts: dict[tuple[str, str], int] = {}
-    for r in records:
+    for r in (r for rs in by_method.values() for r in rs):
         counts[(r["method"], r["target"])] = counts.get((r["method"], r["target"]), 0) + 1
     done = {pair for pair, n in counts.items() if n == per_pair}
-    records = [r for r in records if (r["method"], r["target"]) in done]  # drop partial pairs
+    by_method = {m: [r for r in rs if (r["method"], r["target"]) in done]  # drop partial pairs
+                 for m, rs in by_method.items()}
 
     pending = [(m, t) for m in chosen for t in method_targets(m, targets) if (m.name, t.image) not in done]
     # models are loaded only when there is work: a finished evaluation re-renders its reports in seconds
     base = load_base(cfg.base, cfg.image_tower) if pending else None
     evaluator = load_evaluator(cfg.evaluator) if pending else None
     systems: dict = {}
+    runs: dict = {}  # (kind, settings, target) -> OptimisationRun, for baselines that grow in steps
     ran, skipped = [], []
     for method in chosen:
+        records = by_method[method.name]
         for t_index, target in enumerate(method_targets(method, targets)):
             if (method.name, target.image) in done:
                 skipped.append((method.name, target.image))
@@ -338,8 +361,15 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
             pixels = image_to_tensor(image, base.resolution)  # [3, H, W] in [-1, 1]
             reset_peak_memory()
             start = time.perf_counter()
-            concept = personalize_with(method, base, pixels, systems, {"image": target.image})
-            seconds = time.perf_counter() - start
+            run = None
+            if method.kind in ("textual_inversion", "dreambooth_lora"):
+                from .baselines import OptimisationRun
+
+                key = (method.kind, json.dumps(method.overrides, sort_keys=True), target.image)
+                run = runs.setdefault(key, OptimisationRun())
+            concept = personalize_with(method, base, pixels, systems, {"image": target.image}, run)
+            # a continued baseline costs its whole run, not just the steps added here
+            seconds = run.seconds if run is not None else time.perf_counter() - start
             peak = concept.info.get("peak_memory_mb")
             spelled = concept.info.get("prompt_placeholder", concept.placeholder)
             prompts = [p.replace("S*", spelled) for p in cfg.prompts]
@@ -359,9 +389,10 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
                                     "category": target.category, "group": target.group, "prompt": prompt,
                                     "prompt_index": p_index, "seed": seed, "file": file, **rec,
                                     "seconds": round(seconds, 3), "peak_mb": peak, "hard_word": concept.hard_word})
-            _write_records(out / "records.jsonl", records)
+            _write_records(records_file(out, method.name), records)
             ran.append((method.name, target.image))
             log.debug("%s on %s: %.2fs", method.name, target.image, seconds)
             if on_pair:
                 on_pair(method.name, target.image, True)
-    return {"records": records, "ran": ran, "skipped": skipped, "targets": targets}
+    return {"records": [r for rs in by_method.values() for r in rs], "ran": ran, "skipped": skipped,
+            "targets": targets}

@@ -1,8 +1,8 @@
 """``datencoder evaluate CONFIG [key=value ...] [--methods a,b]``: compare methods on emoji targets.
 
 Setup (config, targets), the harness (``datencoder.evaluation.run_evaluation``: personalise,
-generate, score every (method, target) pair not yet in OUTPUT/records.jsonl), then the reports:
-OUTPUT/results.md, OUTPUT/scatter.png and example grids. Re-running the same command resumes.
+generate, score every (method, target) pair not yet in OUTPUT/records/METHOD.jsonl), then the reports:
+OUTPUT/records.jsonl (all methods), OUTPUT/results.md, OUTPUT/scatter.png and example grids. Re-running the same command resumes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG", help="evaluation YAML (a path or a shipped name: eval_minisd)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seeds=[0]")
     parser.add_argument("--methods", default=None, metavar="NAMES",
-                        help="comma-separated method names to run (default: all); reports cover all records")
+                        help="comma-separated method names to run (default: all); reports cover all records. "
+                             "Processes with disjoint --methods may share one output folder")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +40,10 @@ def run(args: argparse.Namespace) -> int:
 
         result = run_evaluation(cfg, names, on_pair)
     out = Path(cfg.output_dir)
-    records = read_records(out / "records.jsonl")
+    records = read_records(out)  # every method's file, also those other processes wrote
+    tmp = out / ".records.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(out / "records.jsonl")
     setup = json.loads((out / "eval_setup.json").read_text())
     tmp = out / ".results.md.tmp"
     tmp.write_text(results_markdown(records, setup))
