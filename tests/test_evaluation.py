@@ -185,7 +185,7 @@ def test_harness_writes_reports_and_resumes(tiny_base_dir, emoji_root, evaluator
         assert (out / r["file"]).is_file()
     text = (out / "results.md").read_text()
     assert all(f"| {m} |" in text for m in ("ours-1", "ti-2", "db-2")) and "heldin" in text
-    assert Image.open(out / "scatter.png").size == (640, 480)
+    assert Image.open(out / "scatter.png").size == (900, 520)
     assert list(out.glob("grid_0_*.png"))
 
     again = run_evaluation(cfg)

@@ -92,13 +92,18 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
 
 
-def scatter_plot(records: list[dict], size: tuple[int, int] = (640, 480)) -> Image.Image:
-    """Identity (x) vs editability (y), one labelled point per method (mean over targets)."""
+def scatter_plot(records: list[dict], size: tuple[int, int] = (900, 520)) -> Image.Image:
+    """Identity (x) vs editability (y), one numbered point per method (mean over targets).
+
+    The legend on the right names each number with the method and its two values, so that
+    methods with nearly equal scores stay readable.
+    """
     agg = aggregate(records)
     points = [(m, s["identity"][0], s["editability"][0]) for m, s in agg.items()
               if s["identity"][0] is not None and s["editability"][0] is not None]
     w, h = size
-    left, right, top, bottom = 60, 20, 30, 50
+    legend_w = 260
+    left, right, top, bottom = 60, 20 + legend_w, 30, 50
     img = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
@@ -125,17 +130,22 @@ def scatter_plot(records: list[dict], size: tuple[int, int] = (640, 480)) -> Ima
         _, py = to_px(x0, ty)
         draw.line([left - 4, py, left, py], fill=(0, 0, 0))
         draw.text((left - 34, py - 5), f"{ty:.2f}", fill=(0, 0, 0), font=font)
-    draw.text(((w - 160) // 2, h - 22), "identity (cosine to input)", fill=(0, 0, 0), font=font)
+    draw.text(((w - legend_w - 160) // 2, h - 22), "identity (cosine to input)", fill=(0, 0, 0), font=font)
     draw.text((8, 8), "editability (stated attributes correct)", fill=(0, 0, 0), font=font)
     palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
                (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    line_h = max(12, min(18, (h - top - 10) // max(1, len(points))))
     for i, (name, x, y) in enumerate(points):
         px, py = to_px(x, y)
         colour = palette[i % len(palette)]
         draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour, outline=(0, 0, 0))
-        # rotate label placements (above right, below right, left) so close points stay readable
-        dx, dy = ((6, -14), (6, 4), (-8 - draw.textlength(name, font=font), -5))[i % 3]
-        draw.text((px + dx, py + dy), name, fill=colour, font=font)
+        # rotate number placements (above right, below right, left) so close points stay readable
+        label = str(i + 1)
+        dx, dy = ((6, -14), (6, 4), (-8 - draw.textlength(label, font=font), -5))[i % 3]
+        draw.text((px + dx, py + dy), label, fill=colour, font=font)
+        ly = top + i * line_h
+        draw.ellipse([w - legend_w + 10, ly + 2, w - legend_w + 18, ly + 10], fill=colour, outline=(0, 0, 0))
+        draw.text((w - legend_w + 24, ly), f"{label} {name}  ({x:.3f}, {y:.3f})", fill=(0, 0, 0), font=font)
     return img
 
 

@@ -41,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
         result = run_evaluation(cfg, names, on_pair)
     out = Path(cfg.output_dir)
     records = read_records(out)  # every method's file, also those other processes wrote
+    # reports list reference rows (benchmarks/eval_reference.py) first, then the config's order
+    order = {m.name: i for i, m in enumerate(cfg.methods)}
+    records.sort(key=lambda r: (r.get("kind") != "reference", order.get(r["method"], len(order))))
     tmp = out / ".records.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     tmp.replace(out / "records.jsonl")
