@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -153,6 +155,9 @@ def test_save_image_atomic_round_trip(tmp_path):
     save_image_atomic(image, path)  # overwrite in place
     assert np.array_equal(np.array(Image.open(path)), np.array(image))
     assert sorted(p.name for p in path.parent.iterdir()) == ["out.png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
     with pytest.raises(DatencoderError, match="unknown image extension"):
         save_image_atomic(image, tmp_path / "out.xyz")
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from .errors import DatencoderError
 
 __all__ = [
+    "write_atomic",
     "write_json_atomic",
     "write_text_atomic",
     "save_file_atomic",
@@ -50,6 +51,11 @@ def _atomic(path: str | Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_atomic(path: str | Path, write) -> None:
+    """``write(tmp_path)`` writes the artifact; it appears at ``path`` whole or not at all."""
+    _atomic(path, write)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

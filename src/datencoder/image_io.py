@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -103,16 +101,9 @@ def save_image_atomic(image: Image.Image, path: str | Path) -> None:
         raise DatencoderError(f"cannot save {path}: unknown image extension; use .png, .jpg or .webp")
     if fmt == "JPEG" and image.mode not in ("RGB", "L"):
         image = _to_rgb(image)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from .checkpoints import write_atomic
+
+    write_atomic(path, lambda tmp: image.save(tmp, format=fmt))
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
