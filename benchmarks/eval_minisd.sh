@@ -19,8 +19,9 @@ pretrain() {  # NAME
   [ -d "$out/checkpoint" ] && resume="--resume"
   datencoder pretrain "$1" train.steps=2400 train.output_dir="$out" $resume > "$logs/pretrain_$1.log" 2>&1
 }
-evaluate() {  # METHODS
-  datencoder evaluate eval_minisd output_dir="$runs/eval/minisd" --methods "$1" > "$logs/eval_${1%%,*}.log" 2>&1
+evaluate() {  # METHODS [SHARD K/N]
+  datencoder evaluate eval_minisd output_dir="$runs/eval/minisd" --methods "$1" ${2:+--shard $2} \
+    > "$logs/eval_${1%%,*}${2:+_${2%/*}}.log" 2>&1
 }
 
 pretrain minisd_encoder &
@@ -31,10 +32,13 @@ wait
 
 # eval_minisd.yaml reads the encoders from /work/runs/pretrain/...; with another RUNS, override
 # each method's encoder path or link $RUNS/pretrain to /work/runs/pretrain.
-evaluate no-personalisation,ti-100,ti-500,ti-2000 &
+# Textual Inversion is the longest (2,000 steps per target): two processes, half the targets each
+evaluate no-personalisation,ti-100,ti-500,ti-2000 0/2 &
+evaluate no-personalisation,ti-100,ti-500,ti-2000 1/2 &
 evaluate db-lora-50,db-lora-200,db-lora-800 &
 evaluate ours-0,ours-4,ours-12,ours-50,no-dual-path-12 &
 wait
 evaluate no-contrastive-12,no-hypernet-12,e4t-animals-inside,e4t-animals-outside
+python benchmarks/eval_reference.py --output-dir "$runs/eval/minisd"   # ceiling rows
 # the reports (results.md, scatter.png, grids) cover every method's records
 datencoder evaluate eval_minisd output_dir="$runs/eval/minisd" --methods no-personalisation

@@ -9,8 +9,10 @@ with the emoji ``Evaluator``:
 - style: whether the predicted rendering style is the target's (fluent3d for the emoji targets);
 - editability: accuracy of the background / position / size the prompt states (only those).
 
-Per-image records go to ``records.jsonl`` (rewritten atomically after every (method, target)
-pair, so a rerun skips finished pairs); ``evaluation_report`` turns them into tables and plots.
+Per-image records go to one file per (method, target) pair, ``records/<method>/<target>.jsonl``,
+written atomically when the pair is complete (a rerun skips finished pairs, and processes running
+other methods or other target shards never touch the same file); ``evaluation_report`` turns them
+into tables and plots.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from .config import from_dict, to_dict
 from .errors import DatencoderError
 
 __all__ = ["MethodConfig", "TargetGroup", "TargetsConfig", "EvalConfig", "Target", "select_targets",
-           "parse_prompt", "personalize_with", "score_images", "run_evaluation", "read_records",
+           "parse_prompt", "personalize_with", "score_images", "run_evaluation", "read_records", "pair_file",
+           "records_file", "parse_shard",
            "reset_peak_memory", "method_targets", "KINDS"]
 
 log = logging.getLogger(__name__)
@@ -272,18 +275,37 @@ def score_images(evaluator, images, reference, target: Target, prompts: list[str
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """Records of one JSONL file, or of every ``records/*.jsonl`` file of an evaluation folder."""
+    """Records of one JSONL file, or of every records file of an evaluation folder.
+
+    An evaluation folder holds ``records/<method>/<target>.jsonl`` (one per pair, written by the
+    harness) and ``records/<name>.jsonl`` (one per method: reference rows, earlier versions).
+    """
     path = Path(path)
     if path.is_dir():
-        return [r for f in sorted((path / "records").glob("*.jsonl")) for r in read_records(f)]
+        files = sorted((path / "records").glob("*.jsonl")) + sorted((path / "records").glob("*/*.jsonl"))
+        return [r for f in files for r in read_records(f)]
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def records_file(output_dir: str | Path, method: str) -> Path:
-    """One file per method, so that processes running different methods never write the same file."""
+    """A whole method's records in one file (reference rows: ``benchmarks/eval_reference.py``)."""
     return Path(output_dir) / "records" / f"{method}.jsonl"
+
+
+def pair_file(output_dir: str | Path, method: str, target: str) -> Path:
+    """The records of one (method, target image) pair."""
+    tag = hashlib.sha1(target.encode()).hexdigest()[:8]
+    return Path(output_dir) / "records" / method / f"{Path(target).stem}-{tag}.jsonl"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'K/N' -> (K, N): the targets with index % N == K (0 <= K < N)."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
+        raise DatencoderError(f"shard must be K/N with 0 <= K < N (e.g. 0/2 and 1/2), got {text!r}")
+    return int(match.group(1)), int(match.group(2))
 
 
 def _write_records(path: Path, records: list[dict]) -> None:
@@ -297,14 +319,15 @@ PairCallback = Callable[[str, str, bool], None]
 
 
 def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
-                   on_pair: PairCallback | None = None) -> dict:
+                   on_pair: PairCallback | None = None, shard: tuple[int, int] | None = None) -> dict:
     """Run every (method, target) pair not yet recorded; return {records, ran, skipped, targets}.
 
-    Records go to ``records/<method>.jsonl`` (``read_records(output_dir)`` reads them all), so
-    several processes may run disjoint ``methods`` into one folder at the same time. Baselines
-    that differ only in their step count (ti-100, ti-500, ti-2000) continue one optimisation per
-    target when they run in one process, in the config's order: each result equals a straight
-    run of its length, and its reported seconds are those of the whole run.
+    Records go to one file per pair (``pair_file``; ``read_records(output_dir)`` reads them all),
+    so several processes may share one folder when they run different ``methods`` or different
+    target shards: ``shard=(k, n)`` takes the targets whose index modulo n is k. Baselines that
+    differ only in their step count (ti-100, ti-500, ti-2000) continue one optimisation per target
+    when they run in one process, in the config's order: each result equals a straight run of its
+    length, and its reported seconds are those of the whole run.
     ``on_pair(method, target, ran)`` reports progress.
     """
     from .base import load_base
@@ -333,14 +356,22 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
         raise DatencoderError(f"no pre-trained encoder for {', '.join(missing)}; pre-train them "
                               "(docs/evaluation.md) or leave them out with --methods")
     targets = select_targets(cfg.targets)
+    if shard is not None:
+        k, n = shard
+        targets = [t for i, t in enumerate(targets) if i % n == k]
     per_pair = len(cfg.prompts) * len(cfg.seeds)
-    by_method = {m.name: read_records(records_file(out, m.name)) for m in chosen}
+    names = {m.name for m in chosen}
+    existing = [r for r in read_records(out) if r["method"] in names]
     counts: dict[tuple[str, str], int] = {}
-    for r in (r for rs in by_method.values() for r in rs):
+    for r in existing:
         counts[(r["method"], r["target"])] = counts.get((r["method"], r["target"]), 0) + 1
     done = {pair for pair, n in counts.items() if n == per_pair}
-    by_method = {m: [r for r in rs if (r["method"], r["target"]) in done]  # drop partial pairs
-                 for m, rs in by_method.items()}
+    existing = [r for r in existing if (r["method"], r["target"]) in done]
+    for m in chosen:  # a whole-method file (earlier layout) loses its partial pairs, if it has any
+        legacy = records_file(out, m.name)
+        kept = [r for r in read_records(legacy) if (r["method"], r["target"]) in done]
+        if legacy.is_file() and len(kept) != len(read_records(legacy)):
+            _write_records(legacy, kept)
 
     pending = [(m, t) for m in chosen for t in method_targets(m, targets) if (m.name, t.image) not in done]
     # models are loaded only when there is work: a finished evaluation re-renders its reports in seconds
@@ -349,9 +380,9 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
     systems: dict = {}
     runs: dict = {}  # (kind, settings, target) -> OptimisationRun, for baselines that grow in steps
     ran, skipped = [], []
+    new: list[dict] = []
     for method in chosen:
-        records = by_method[method.name]
-        for t_index, target in enumerate(method_targets(method, targets)):
+        for target in method_targets(method, targets):
             if (method.name, target.image) in done:
                 skipped.append((method.name, target.image))
                 if on_pair:
@@ -374,6 +405,7 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
             spelled = concept.info.get("prompt_placeholder", concept.placeholder)
             prompts = [p.replace("S*", spelled) for p in cfg.prompts]
             pipe = ConceptPipeline(base, concept, cfg.scheduler)
+            records = []
             for seed in cfg.seeds:
                 images = pipe(prompts, num_images=1, num_inference_steps=cfg.sample_steps,
                               guidance_scale=cfg.guidance, seed=seed)
@@ -381,7 +413,7 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
                         evaluator, images, image, target, cfg.prompts))):
                     file = None
                     if cfg.save_images:
-                        file = f"images/{method.name}/{t_index:03d}_{target.concept}/p{p_index}_s{seed}.png"
+                        file = f"images/{method.name}/{pair_file(out, method.name, target.image).stem}/p{p_index}_s{seed}.png"
                         (out / file).parent.mkdir(parents=True, exist_ok=True)
                         save_image_atomic(images[p_index], out / file)
                     records.append({"method": method.name, "kind": method.kind, "steps": method.steps,
@@ -389,10 +421,10 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
                                     "category": target.category, "group": target.group, "prompt": prompt,
                                     "prompt_index": p_index, "seed": seed, "file": file, **rec,
                                     "seconds": round(seconds, 3), "peak_mb": peak, "hard_word": concept.hard_word})
-            _write_records(records_file(out, method.name), records)
+            _write_records(pair_file(out, method.name, target.image), records)
+            new.extend(records)
             ran.append((method.name, target.image))
             log.debug("%s on %s: %.2fs", method.name, target.image, seconds)
             if on_pair:
                 on_pair(method.name, target.image, True)
-    return {"records": [r for rs in by_method.values() for r in rs], "ran": ran, "skipped": skipped,
-            "targets": targets}
+    return {"records": existing + new, "ran": ran, "skipped": skipped, "targets": targets}

@@ -18,19 +18,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=None, metavar="NAMES",
                         help="comma-separated method names to run (default: all); reports cover all records. "
                              "Processes with disjoint --methods may share one output folder")
+    parser.add_argument("--shard", default=None, metavar="K/N",
+                        help="run only the targets whose index modulo N is K (0 <= K < N); processes with "
+                             "different shards may share one output folder")
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from ..checkpoints import write_text_atomic
     from ..config import load_config
-    from ..evaluation import EvalConfig, method_targets, read_records, run_evaluation, select_targets
+    from ..evaluation import EvalConfig, method_targets, parse_shard, read_records, run_evaluation, select_targets
     from ..evaluation_report import example_grids, results_markdown, scatter_plot
     from ..image_io import save_image_atomic
 
     cfg = load_config(args.config, args.overrides, cls=EvalConfig)
     names = [n.strip() for n in args.methods.split(",")] if args.methods else None
+    shard = parse_shard(args.shard) if args.shard else None
     targets = select_targets(cfg.targets)
+    if shard:
+        targets = [t for i, t in enumerate(targets) if i % shard[1] == shard[0]]
     total = sum(len(method_targets(m, targets)) for m in cfg.methods if names is None or m.name in names)
     print(f"{len(targets)} targets, {total} (method, target) pairs -> {cfg.output_dir}")
     with tqdm(total=total, desc="evaluate", unit="pair") as bar:
@@ -38,19 +45,15 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix(method=method)
             bar.update(1)
 
-        result = run_evaluation(cfg, names, on_pair)
+        result = run_evaluation(cfg, names, on_pair, shard)
     out = Path(cfg.output_dir)
     records = read_records(out)  # every method's file, also those other processes wrote
     # reports list reference rows (benchmarks/eval_reference.py) first, then the config's order
     order = {m.name: i for i, m in enumerate(cfg.methods)}
     records.sort(key=lambda r: (r.get("kind") != "reference", order.get(r["method"], len(order))))
-    tmp = out / ".records.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(out / "records.jsonl")
+    write_text_atomic(out / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     setup = json.loads((out / "eval_setup.json").read_text())
-    tmp = out / ".results.md.tmp"
-    tmp.write_text(results_markdown(records, setup))
-    tmp.replace(out / "results.md")
+    write_text_atomic(out / "results.md", results_markdown(records, setup))
     save_image_atomic(scatter_plot(records), out / "scatter.png")
     grids = example_grids(records, out, cfg.grids) if cfg.save_images else []
     print(f"ran {len(result['ran'])} pairs, skipped {len(result['skipped'])} already done")
