@@ -256,6 +256,25 @@ def test_continued_baseline_equals_a_straight_run(base, kind):
     assert run.steps == 2 and torch.equal(fresh.embedding, fn(base, pixels, make(2)).embedding)
 
 
+def test_paired_deltas_are_per_target_differences():
+    from datencoder.evaluation_report import paired_deltas, results_markdown
+
+    def rec(method, target, identity, ok):
+        return {"method": method, "target": target, "group": "g", "identity": identity, "top1": 0, "top5": 0,
+                "style_ok": 0, "background_ok": ok, "position_ok": None, "size_ok": None, "seconds": 1.0,
+                "peak_mb": 1.0}
+
+    records = [rec("floor", "a", 0.2, 0), rec("floor", "b", 0.6, 1),
+               rec("m", "a", 0.3, 1), rec("m", "b", 0.8, 1), rec("m", "c", 0.9, 1)]  # c: no floor record
+    deltas = paired_deltas(records, "floor")
+    mean, sem, n = deltas["m"]["identity"]
+    assert n == 2 and mean == pytest.approx(0.15) and sem == pytest.approx(0.05)
+    assert deltas["m"]["editability"][:2] == pytest.approx((0.5, 0.5))
+    text = results_markdown(records, paired_with="floor")
+    assert "## Paired with `floor`" in text and "| m | 2 | +0.150 ± 0.050 | +0.500 ± 0.500 |" in text
+    assert paired_deltas(records, "absent") == {}
+
+
 def test_shipped_eval_config_lists_every_method():
     cfg = load_config("eval_minisd", cls=EvalConfig)
     kinds = {m.kind for m in cfg.methods}

@@ -107,11 +107,15 @@ class EvalConfig:
     save_images: bool = True
     grids: int = 2
     """Example grids (rows = methods, columns = prompts) for the first N targets."""
+    paired_with: str | None = None
+    """A method (e.g. the no-personalisation floor) every other method is compared with per target."""
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.methods]
         if len(set(names)) != len(names):
             raise DatencoderError(f"method names must be unique, got {names}")
+        if self.paired_with is not None and self.paired_with not in names:
+            raise DatencoderError(f"paired_with {self.paired_with!r} is not one of the methods {names}")
         for p in self.prompts:
             if "S*" not in p:
                 raise DatencoderError(f"evaluation prompt {p!r} has no placeholder S*")

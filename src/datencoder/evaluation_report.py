@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["aggregate", "results_markdown", "scatter_plot", "example_grids", "METRICS"]
+__all__ = ["aggregate", "paired_deltas", "results_markdown", "scatter_plot", "example_grids", "METRICS"]
 
 METRICS = ("identity", "top1", "top5", "style_ok", "background_ok", "position_ok", "size_ok", "editability",
            "seconds", "peak_mb")
@@ -50,6 +50,32 @@ def aggregate(records: list[dict], by_group: bool = False) -> dict:
     return result
 
 
+def paired_deltas(records: list[dict], reference: str,
+                  metrics: tuple[str, ...] = ("identity", "editability")) -> dict:
+    """{method: {metric: (mean, standard error, n)}} of (method - reference) over shared targets.
+
+    Targets differ far more from each other than methods do, so a method is compared with the
+    reference on the same targets: the per-target difference, then its mean and standard error.
+    """
+    per: dict = {}
+    for r in records:
+        per.setdefault(r["method"], {}).setdefault(r["target"], []).append(r)
+    if reference not in per:
+        return {}
+    ref = {t: _per_target(recs) for t, recs in per[reference].items()}
+    result = {}
+    for method, targets in per.items():
+        if method == reference:
+            continue
+        rows = {t: _per_target(recs) for t, recs in targets.items() if t in ref}
+        result[method] = {}
+        for m in metrics:
+            diffs = [row[m] - ref[t][m] for t, row in rows.items() if row[m] is not None and ref[t][m] is not None]
+            sem = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+            result[method][m] = (sum(diffs) / len(diffs), sem, len(diffs)) if diffs else (None, None, 0)
+    return result
+
+
 def _cell(stat, metric: str) -> str:
     mean, std, _ = stat
     if mean is None:
@@ -70,7 +96,9 @@ def _table(agg: dict, label) -> list[str]:
     return lines
 
 
-def results_markdown(records: list[dict], setup: dict | None = None) -> str:
+def results_markdown(records: list[dict], setup: dict | None = None, paired_with: str | None = None) -> str:
+    """Tables of every method (all targets, then per group); with ``paired_with``, also each
+    method's per-target difference from that method (mean ± standard error)."""
     lines = ["# Evaluation results", ""]
     if setup:
         lines += [f"Prompts ({len(setup['prompts'])}): " + "; ".join(f"`{p}`" for p in setup["prompts"]),
@@ -85,6 +113,16 @@ def results_markdown(records: list[dict], setup: dict | None = None) -> str:
     if len(groups) > 1:
         lines += ["", "## By target group", ""]
         lines += _table(aggregate(records, by_group=True), lambda k: f"{k[0]} ({k[1]})")
+    deltas = paired_deltas(records, paired_with) if paired_with else {}
+    if deltas:
+        lines += ["", f"## Paired with `{paired_with}`", "",
+                  f"Per target: the method's mean minus `{paired_with}`'s on the same target; then mean ± "
+                  "standard error over targets (positive: better than it).", "",
+                  "| method | targets | Δ identity | Δ editability |", "|---|---|---|---|"]
+        for method, stats in deltas.items():
+            n = max(st[2] for st in stats.values())
+            cells = ["—" if st[0] is None else f"{st[0]:+.3f} ± {st[1]:.3f}" for st in stats.values()]
+            lines.append(f"| {method} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

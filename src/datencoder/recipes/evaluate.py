@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     records.sort(key=lambda r: (r.get("kind") != "reference", order.get(r["method"], len(order))))
     write_text_atomic(out / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     setup = json.loads((out / "eval_setup.json").read_text())
-    write_text_atomic(out / "results.md", results_markdown(records, setup))
+    write_text_atomic(out / "results.md", results_markdown(records, setup, cfg.paired_with))
     save_image_atomic(scatter_plot(records), out / "scatter.png")
     grids = example_grids(records, out, cfg.grids) if cfg.save_images else []
     print(f"ran {len(result['ran'])} pairs, skipped {len(result['skipped'])} already done")
