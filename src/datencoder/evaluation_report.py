@@ -112,7 +112,10 @@ def results_markdown(records: list[dict], setup: dict | None = None, paired_with
     groups = sorted({r["group"] for r in records})
     if len(groups) > 1:
         lines += ["", "## By target group", ""]
-        lines += _table(aggregate(records, by_group=True), lambda k: f"{k[0]} ({k[1]})")
+        order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in records))}
+        by_group = aggregate(records, by_group=True)
+        by_group = dict(sorted(by_group.items(), key=lambda kv: (order[kv[0][0]], groups.index(kv[0][1]))))
+        lines += _table(by_group, lambda k: f"{k[0]} ({k[1]})")
     deltas = paired_deltas(records, paired_with) if paired_with else {}
     if deltas:
         lines += ["", f"## Paired with `{paired_with}`", "",
