@@ -34,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--background", default="white")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--out", default="docs/images/minisd_position_probe.png")
+    parser.add_argument("--pretrained", default="minisd-emoji",
+                        help="the base model: the shipped name or an exported folder (datencoder minisd export)")
     args = parser.parse_args(argv)
-    base = load_base("minisd-emoji")
+    base = load_base(args.pretrained)
     pipe = StableDiffusionPipeline(vae=base.vae, unet=base.unet, text_encoder=base.text_encoder,
                                    tokenizer=base.tokenizer, scheduler=DDIMScheduler.from_config(base.scheduler.config),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
