@@ -24,8 +24,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from datencoder.base import load_base  # noqa: E402
@@ -35,14 +33,7 @@ from datencoder.evaluation import (EvalConfig, _write_records, parse_prompt, rec
                                    select_targets)
 from datencoder.evaluator import load_evaluator  # noqa: E402
 from datencoder.image_io import load_image  # noqa: E402
-
-
-@torch.no_grad()
-def through_vae(base, images: list[Image.Image]) -> list[Image.Image]:
-    x = torch.from_numpy(np.stack([np.asarray(i.convert("RGB")) for i in images])).permute(0, 3, 1, 2)
-    x = x.float() / 127.5 - 1
-    y = base.vae.decode(base.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-    return [Image.fromarray(a) for a in ((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()]
+from datencoder.minisd.sampling import vae_roundtrip  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             image, _ = compose(source, stated.get("size", "medium"), stated.get("position", "center"),
                                stated.get("background", "white"), canvas=base.resolution)
             composites.append(image)
-        for name, images in (("ref-composite", composites), ("ref-composite-vae", through_vae(base, composites))):
+        for name, images in (("ref-composite", composites), ("ref-composite-vae", vae_roundtrip(base.vae, composites))):
             for i, (prompt, rec) in enumerate(zip(cfg.prompts, score_images(evaluator, images, reference,
                                                                              target, cfg.prompts))):
                 rows[name].append({"method": name, "kind": "reference", "steps": 0, "target": target.image,

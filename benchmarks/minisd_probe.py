@@ -18,12 +18,12 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
 
 from datencoder.base import load_base  # noqa: E402
 from datencoder.data.emoji import POSITIONS  # noqa: E402
 from datencoder.evaluator import load_evaluator  # noqa: E402
 from datencoder.image_io import make_grid, save_image_atomic  # noqa: E402
+from datencoder.minisd.sampling import make_pipeline  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,10 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the base model: the shipped name or an exported folder (datencoder minisd export)")
     args = parser.parse_args(argv)
     base = load_base(args.pretrained)
-    pipe = StableDiffusionPipeline(vae=base.vae, unet=base.unet, text_encoder=base.text_encoder,
-                                   tokenizer=base.tokenizer, scheduler=DDIMScheduler.from_config(base.scheduler.config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = make_pipeline(base.vae, base.unet, base.scheduler, base.tokenizer, base.text_encoder)
     evaluator = load_evaluator()
     positions = list(POSITIONS)
     prompts = [f"{args.name}, {args.style} style, {args.size}, {p}, on a {args.background} background" for p in positions]

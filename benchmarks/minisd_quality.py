@@ -35,7 +35,7 @@ from datencoder.base import load_base  # noqa: E402
 from datencoder.data.emoji import BACKGROUNDS, POSITIONS, SIZES, compose, dominant_colour  # noqa: E402
 from datencoder.emoji_batches import composition_index, load_rows_uint8, read_rows  # noqa: E402
 from datencoder.evaluator import HEADS, load_evaluator  # noqa: E402
-from datencoder.minisd.sampling import make_pipeline  # noqa: E402
+from datencoder.minisd.sampling import make_pipeline, vae_roundtrip  # noqa: E402
 
 STYLES = ("noto", "twemoji", "openmoji")  # fluent3d is the held-out style of every concept
 # Every 8th prompt drops the style, every 8th (offset 4) drops size and position; those
@@ -111,18 +111,6 @@ def evaluator_validation(evaluator, root: Path) -> dict:
 
 
 @torch.no_grad()
-def reconstruct(base, images: list[Image.Image]) -> list[Image.Image]:
-    """Images through the VAE (posterior mean): what a generator perfect up to the decoder gives."""
-    x = torch.from_numpy(np.stack([np.asarray(i.convert("RGB")) for i in images])).permute(0, 3, 1, 2)
-    x = x.float() / 127.5 - 1
-    out = []
-    for start in range(0, len(x), 64):
-        lat = base.vae.encode(x[start : start + 64]).latent_dist.mean
-        y = base.vae.decode(lat).sample.clamp(-1, 1)
-        out.append(((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
-    return [Image.fromarray(a) for a in np.concatenate(out)]
-
-
 def save_grid(path: Path, columns: list[list[Image.Image]], scale: int = 2) -> None:
     """columns[c][r]: one image per row; written as a PNG, each tile upscaled ``scale``x."""
     side = columns[0][0].width * scale
@@ -210,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "generated": score(records, evaluator),
         "generated_full_prompts_only": score([r for r in records if r["variant"] == "full"], evaluator),
         "real_composites_of_the_prompts": score(judge(evaluator, real, specs[:n_done]), evaluator),
-        "vae_reconstructions_of_the_prompts": score(judge(evaluator, reconstruct(base, real), specs[:n_done]), evaluator),
+        "vae_reconstructions_of_the_prompts": score(judge(evaluator, vae_roundtrip(base.vae, real), specs[:n_done]), evaluator),
         "evaluator_validation": evaluator_validation(evaluator, root),
         "seconds_per_image_this_run": gen_seconds / max(1, len(records) - resumed),
         "grid": args.grid,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import write_json_atomic
+from .checkpoints import write_json_atomic, write_text_atomic
 from .config import from_dict, to_dict
 from .errors import DatencoderError
 
@@ -143,8 +143,11 @@ def _manifest_rows(manifest: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def select_targets(cfg: TargetsConfig) -> list[Target]:
-    """Targets of each group (N concepts per category, picked by a seeded hash) plus explicit images."""
+def select_targets(cfg: TargetsConfig, shard: tuple[int, int] | None = None) -> list[Target]:
+    """Targets of each group (N concepts per category, picked by a seeded hash) plus explicit images.
+
+    ``shard=(k, n)``: only the targets whose index modulo n is k.
+    """
     targets: list[Target] = []
     rows = _manifest_rows(cfg.manifest) if cfg.manifest else []
     root = Path(cfg.manifest).parent if cfg.manifest else Path(".")
@@ -176,6 +179,8 @@ def select_targets(cfg: TargetsConfig) -> list[Target]:
             unique.append(t)
     if not unique:
         raise DatencoderError("no evaluation targets: set targets.groups (with targets.manifest) or targets.images")
+    if shard is not None:
+        unique = [t for i, t in enumerate(unique) if i % shard[1] == shard[0]]
     return unique
 
 
@@ -313,10 +318,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def _write_records(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 PairCallback = Callable[[str, str, bool], None]
@@ -359,10 +361,7 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
     if missing:  # fail before hours of baselines, not when the first encoder method comes up
         raise DatencoderError(f"no pre-trained encoder for {', '.join(missing)}; pre-train them "
                               "(docs/evaluation.md) or leave them out with --methods")
-    targets = select_targets(cfg.targets)
-    if shard is not None:
-        k, n = shard
-        targets = [t for i, t in enumerate(targets) if i % n == k]
+    targets = select_targets(cfg.targets, shard)
     per_pair = len(cfg.prompts) * len(cfg.seeds)
     names = {m.name for m in chosen}
     existing = [r for r in read_records(out) if r["method"] in names]
@@ -372,10 +371,10 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
     done = {pair for pair, n in counts.items() if n == per_pair}
     existing = [r for r in existing if (r["method"], r["target"]) in done]
     for m in chosen:  # a whole-method file (earlier layout) loses its partial pairs, if it has any
-        legacy = records_file(out, m.name)
-        kept = [r for r in read_records(legacy) if (r["method"], r["target"]) in done]
-        if legacy.is_file() and len(kept) != len(read_records(legacy)):
-            _write_records(legacy, kept)
+        legacy = read_records(records_file(out, m.name))
+        kept = [r for r in legacy if (r["method"], r["target"]) in done]
+        if len(kept) != len(legacy):
+            _write_records(records_file(out, m.name), kept)
 
     pending = [(m, t) for m in chosen for t in method_targets(m, targets) if (m.name, t.image) not in done]
     # models are loaded only when there is work: a finished evaluation re-renders its reports in seconds

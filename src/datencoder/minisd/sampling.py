@@ -43,3 +43,15 @@ def sample_images(pipe: StableDiffusionPipeline, prompts: list[str], steps: int,
     gen = torch.Generator().manual_seed(seed)
     out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="pt")
     return out.images * 2 - 1
+
+
+@torch.no_grad()
+def vae_roundtrip(vae: AutoencoderKL, images: list[Image.Image], batch_size: int = 64) -> list[Image.Image]:
+    """RGB images encoded (posterior mean) and decoded: what a generator perfect up to the decoder gives."""
+    x = torch.from_numpy(np.stack([np.asarray(i.convert("RGB")) for i in images])).permute(0, 3, 1, 2)
+    x = x.float() / 127.5 - 1
+    out = []
+    for start in range(0, len(x), batch_size):
+        y = vae.decode(vae.encode(x[start : start + batch_size]).latent_dist.mean).sample.clamp(-1, 1)
+        out.append(((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    return [Image.fromarray(a) for a in np.concatenate(out)]

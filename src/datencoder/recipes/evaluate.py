@@ -1,8 +1,9 @@
 """``datencoder evaluate CONFIG [key=value ...] [--methods a,b]``: compare methods on emoji targets.
 
 Setup (config, targets), the harness (``datencoder.evaluation.run_evaluation``: personalise,
-generate, score every (method, target) pair not yet in OUTPUT/records/METHOD.jsonl), then the reports:
-OUTPUT/records.jsonl (all methods), OUTPUT/results.md, OUTPUT/scatter.png and example grids. Re-running the same command resumes.
+generate, score every (method, target) pair not yet recorded in OUTPUT/records/), then the reports:
+OUTPUT/records.jsonl (all methods), OUTPUT/results.md, OUTPUT/scatter.png and example grids.
+Re-running the same command resumes.
 """
 
 from __future__ import annotations
@@ -35,9 +36,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, cls=EvalConfig)
     names = [n.strip() for n in args.methods.split(",")] if args.methods else None
     shard = parse_shard(args.shard) if args.shard else None
-    targets = select_targets(cfg.targets)
-    if shard:
-        targets = [t for i, t in enumerate(targets) if i % shard[1] == shard[0]]
+    targets = select_targets(cfg.targets, shard)
     total = sum(len(method_targets(m, targets)) for m in cfg.methods if names is None or m.name in names)
     print(f"{len(targets)} targets, {total} (method, target) pairs -> {cfg.output_dir}")
     with tqdm(total=total, desc="evaluate", unit="pair") as bar:
