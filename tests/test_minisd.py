@@ -12,7 +12,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from datencoder.config import load_config
+from datencoder.errors import DatencoderError
 from datencoder.minisd.config import UNetStageConfig, VAEStageConfig
+from datencoder.minisd.losses import DiffusionLossConfig, loss_weights
 from datencoder.minisd.models import MiniUNetConfig, MiniVAEConfig, build_scheduler, build_unet, build_vae
 from datencoder.recipes import minisd as recipe
 
@@ -134,6 +136,48 @@ def test_vae_and_unet_resume_bit_identically_and_export_loads(tmp_path):
     cached = load_file(str(tmp_path / "split" / "cache" / "latents.safetensors"))["latents"]
     assert cached.shape[0] == 5  # the held-out row is never trained on
     assert (tmp_path / "split" / "unet" / "samples" / "exported.png").exists()
+
+    # A second stage starts from the first one's EMA weights with another schedule.
+    second = unet4 + [f"init_from={tmp_path / 'split' / 'unet'}", "diffusion.zero_terminal_snr=true",
+                      "diffusion.weighting=min_snr_plus_one", f"train.work_dir={tmp_path / 'zsnr'}",
+                      "train.steps=0", f"export_dir={tmp_path / 'zsnr_export'}", "grid.num_prompts=0"]
+    _run("unet", second)
+    started = {k[6:]: v for k, v in _tensors(tmp_path / "zsnr").items() if k.startswith("model.")}
+    assert started.keys() == ema.keys() and all(torch.equal(started[k], ema[k]) for k in ema)
+    _run("export", second)
+    sched = DDPMScheduler.from_pretrained(tmp_path / "zsnr_export" / "scheduler")
+    assert sched.config.rescale_betas_zero_snr and sched.config.timestep_spacing == "trailing"
+    assert float(sched.alphas_cumprod[-1]) == 0.0
+    with pytest.raises(DatencoderError, match="another architecture"):
+        _run("unet", second + ["model.block_out_channels=[8,8]", f"train.work_dir={tmp_path / 'other'}"])
+
+
+def test_zero_terminal_snr_schedule_samples_from_pure_noise_and_needs_v_prediction():
+    from diffusers import DDIMScheduler
+
+    sched = build_scheduler(1000, "v_prediction", zero_terminal_snr=True)
+    assert float(sched.alphas_cumprod[-1]) == 0.0 and float(sched.alphas_cumprod[0]) > 0.99
+    ddim = DDIMScheduler.from_config(sched.config)
+    ddim.set_timesteps(25)
+    assert int(ddim.timesteps[0]) == 999  # "trailing": the first sampling step is the pure-noise one
+    plain = DDIMScheduler.from_config(build_scheduler(1000, "v_prediction").config)
+    plain.set_timesteps(25)
+    assert int(plain.timesteps[0]) < 999
+    with pytest.raises(DatencoderError, match="v_prediction"):
+        build_scheduler(1000, "epsilon", zero_terminal_snr=True)
+
+
+def test_loss_weights_keep_the_noisiest_steps_only_with_min_snr_plus_one():
+    sched = build_scheduler(1000, "v_prediction", zero_terminal_snr=True)
+    t = torch.tensor([0, 500, 999])
+    usual = loss_weights(sched, t, DiffusionLossConfig(snr_gamma=5.0))
+    plus = loss_weights(sched, t, DiffusionLossConfig(snr_gamma=5.0, weighting="min_snr_plus_one"))
+    assert float(usual[2]) == 0.0 and float(plus[2]) == 1.0  # pure noise: ignored vs full weight
+    snr0 = sched.alphas_cumprod[0] / (1 - sched.alphas_cumprod[0])
+    assert torch.allclose(usual[0], plus[0]) and torch.allclose(usual[0], 5.0 / (snr0 + 1))  # both capped at gamma
+    assert bool((plus >= usual).all())
+    with pytest.raises(DatencoderError, match="weighting"):
+        loss_weights(sched, t, DiffusionLossConfig(weighting="uniform"))
 
 
 def test_cached_text_states_match_what_a_stock_pipeline_encodes():

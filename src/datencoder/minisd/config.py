@@ -38,6 +38,9 @@ class UNetStageConfig:
     """Where ``export`` writes the diffusers folders; empty: the package's assets/minisd-emoji."""
     cache_parts: list[str] = field(default_factory=lambda: ["text", "latents"])
     """What ``cache`` computes: text states need only the text encoder, latents the trained VAE."""
+    init_from: str = ""
+    """Work dir of an earlier UNet run whose EMA weights start this one (fresh optimizer and
+    step count; for a changed objective or schedule). Ignored by ``--resume``."""
     model: MiniUNetConfig = field(default_factory=MiniUNetConfig)
     data: MiniDataConfig = field(default_factory=MiniDataConfig)
     diffusion: DiffusionLossConfig = field(default_factory=DiffusionLossConfig)

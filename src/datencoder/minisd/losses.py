@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+from ..errors import DatencoderError
+
 
 @dataclass
 class VAELossConfig:
@@ -37,6 +39,15 @@ class DiffusionLossConfig:
     prediction_type: str = "v_prediction"
     snr_gamma: float = 5.0
     """Min-SNR-gamma loss weighting (Hang et al. 2023); 0 switches it off."""
+    weighting: str = "min_snr"
+    """``min_snr``: x0-error weight min(SNR, gamma), the usual form, which all but ignores the
+    noisiest steps (weight ~SNR there). ``min_snr_plus_one`` (v-prediction only): x0-error
+    weight min(SNR + 1, gamma), i.e. plain v-MSE capped at gamma, so the noisiest steps, where
+    the layout is decided, keep full weight."""
+    zero_terminal_snr: bool = False
+    """Rescale the betas to zero terminal SNR (Lin et al. 2024): the last training step sees pure
+    noise, as sampling does, so the layout must come from the text and cannot leak through the
+    noise. Needs v-prediction; saved into the scheduler config (``rescale_betas_zero_snr``)."""
 
 
 def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -64,12 +75,19 @@ def diffusion_loss(
     pred = unet(noisy, t, encoder_hidden_states=text_states).sample.float()
     per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
     raw = per_sample.mean()
-    if cfg.snr_gamma > 0:
-        s = snr(scheduler, t)
-        clipped = torch.clamp(s, max=cfg.snr_gamma)
-        # Equal-weight the x0 error, capped at gamma; in v-space x0-weight snr becomes snr + 1.
-        weight = clipped / (s + 1) if cfg.prediction_type == "v_prediction" else clipped / s
-        loss = (weight * per_sample).mean()
-    else:
-        loss = raw
+    loss = (loss_weights(scheduler, t, cfg) * per_sample).mean() if cfg.snr_gamma > 0 else raw
     return {"loss": loss, "mse": raw.detach()}
+
+
+def loss_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, cfg: DiffusionLossConfig) -> torch.Tensor:
+    """Per-sample weights of the prediction MSE for ``cfg.weighting`` (see DiffusionLossConfig)."""
+    s = snr(scheduler, timesteps)
+    if cfg.weighting == "min_snr_plus_one":
+        if cfg.prediction_type != "v_prediction":
+            raise DatencoderError("weighting min_snr_plus_one needs prediction_type v_prediction")
+        return torch.clamp(s + 1, max=cfg.snr_gamma) / (s + 1)
+    if cfg.weighting != "min_snr":
+        raise DatencoderError(f"weighting must be 'min_snr' or 'min_snr_plus_one', got {cfg.weighting!r}")
+    clipped = torch.clamp(s, max=cfg.snr_gamma)
+    # Equal-weight the x0 error, capped at gamma; in v-space x0-weight snr becomes snr + 1.
+    return clipped / (s + 1) if cfg.prediction_type == "v_prediction" else clipped / s

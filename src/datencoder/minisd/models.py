@@ -99,12 +99,20 @@ def build_unet(cfg: MiniUNetConfig, vae: MiniVAEConfig, text_dim: int) -> UNet2D
     )
 
 
-def build_scheduler(num_train_timesteps: int, prediction_type: str) -> DDPMScheduler:
-    """The SD 1.x noise schedule (scaled linear betas) with the chosen prediction target."""
+def build_scheduler(num_train_timesteps: int, prediction_type: str, zero_terminal_snr: bool = False) -> DDPMScheduler:
+    """The SD 1.x noise schedule (scaled linear betas) with the chosen prediction target.
+
+    ``zero_terminal_snr`` rescales the betas so the last step is pure noise and samples with
+    "trailing" timesteps (Lin et al. 2024, as in diffusers' ``rescale_betas_zero_snr``); both
+    settings travel in the saved scheduler config, so stock pipelines sample the same way.
+    """
     if prediction_type not in ("epsilon", "v_prediction"):
         raise DatencoderError(
             f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}"
         )
+    if zero_terminal_snr and prediction_type != "v_prediction":
+        raise DatencoderError("zero_terminal_snr needs prediction_type v_prediction (epsilon is undefined at SNR 0)")
+    extra = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if zero_terminal_snr else {}
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_start=0.00085,
@@ -113,4 +121,5 @@ def build_scheduler(num_train_timesteps: int, prediction_type: str) -> DDPMSched
         prediction_type=prediction_type,
         clip_sample=False,
         steps_offset=1,
+        **extra,
     )

@@ -128,7 +128,14 @@ def run_unet(cfg: UNetStageConfig, resume: bool) -> int:
     tokenizer, encoder = load_text_encoder(cfg.data.max_length)
     with seeded_init(cfg.train.seed):
         unet = build_unet(cfg.model, arch, encoder.config.hidden_size)
-    scheduler = build_scheduler(cfg.diffusion.num_train_timesteps, cfg.diffusion.prediction_type)
+    if cfg.init_from and not resume:
+        try:
+            unet.load_state_dict(load_ema_weights(Path(cfg.init_from)))
+        except RuntimeError as e:
+            raise DatencoderError(f"init_from={cfg.init_from}: its UNet has another architecture ({str(e).splitlines()[0]})") from None
+        logger.info("UNet initialised from the EMA weights in %s", cfg.init_from)
+    scheduler = build_scheduler(cfg.diffusion.num_train_timesteps, cfg.diffusion.prediction_type,
+                                cfg.diffusion.zero_terminal_snr)
     logger.info("UNet: %.2fM parameters, %d examples", sum(p.numel() for p in unet.parameters()) / 1e6, len(rows))
     k = table.shape[1]
     prompts, real = _grid_prompts(rows, cfg, arch.resolution)
@@ -146,7 +153,7 @@ def run_unet(cfg: UNetStageConfig, resume: bool) -> int:
                              for s in range(cfg.grid.seeds)]
         save_grid(rows_out, Path(cfg.train.work_dir) / "samples" / f"step{step:06d}.png")
 
-    train(unet, len(rows), loss_fn, cfg.train, resume, sample_fn,
+    train(unet, len(rows), loss_fn, cfg.train, resume, sample_fn if cfg.grid.num_prompts else None,
           {"config": to_dict(cfg), "scaling_factor": scaling, "prompts": prompts})
     return 0
 
@@ -162,7 +169,8 @@ def run_export(cfg: UNetStageConfig, resume: bool) -> int:
     _, encoder = load_text_encoder(trained.data.max_length)
     unet = build_unet(trained.model, arch, encoder.config.hidden_size)
     unet.load_state_dict(load_ema_weights(Path(cfg.train.work_dir)))
-    scheduler = build_scheduler(trained.diffusion.num_train_timesteps, trained.diffusion.prediction_type)
+    scheduler = build_scheduler(trained.diffusion.num_train_timesteps, trained.diffusion.prediction_type,
+                                trained.diffusion.zero_terminal_snr)
     out = Path(cfg.export_dir) if cfg.export_dir else default_export_dir()
     export_minisd(vae, unet, scheduler, trained.data.max_length, out)
     logger.info("exported UNet step %d to %s", saved["step"], out)
