@@ -93,6 +93,7 @@ def _config_classes() -> dict[str, type]:
     return {
         "tiny.yaml": Config, "minisd_encoder.yaml": Config, "sd15.yaml": Config,
         "minisd_vae.yaml": VAEStageConfig, "minisd_unet.yaml": UNetStageConfig,
+        "minisd_unet_zsnr.yaml": UNetStageConfig,
         "minisd_tower.yaml": TowerStageConfig, "minisd_evaluator.yaml": EvaluatorStageConfig,
         "minisd_encoder_no_contrastive.yaml": Config, "minisd_encoder_no_hypernet.yaml": Config,
         "minisd_e4t_animals.yaml": Config, "eval_minisd.yaml": EvalConfig,

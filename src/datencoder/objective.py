@@ -123,7 +123,7 @@ class Objective:
             return torch.ones(timesteps.shape, device=timesteps.device)
         alphas = self.base.scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
         snr = alphas / (1 - alphas)
-        weight = torch.minimum(snr, torch.full_like(snr, gamma)) / snr
+        capped = torch.minimum(snr, torch.full_like(snr, gamma))
         if self.base.scheduler.config.prediction_type == "v_prediction":
-            weight = torch.minimum(snr, torch.full_like(snr, gamma)) / (snr + 1)
-        return weight
+            return capped / (snr + 1)  # finite at zero terminal SNR too
+        return capped / snr
