@@ -30,6 +30,24 @@ class NoisyLatents:
     noisy: Tensor  # [N, C, h, w] z_t
 
 
+def min_snr_weights(scheduler, timesteps: Tensor, gamma: float, plus_one: bool = False) -> Tensor:
+    """Min-SNR-gamma weights of the prediction MSE (Hang et al. 2023) for the scheduler's target.
+
+    The x0-error weight is min(SNR, gamma), or with ``plus_one`` min(SNR + 1, gamma) (plain v-MSE
+    capped at gamma, which keeps the noisiest steps at full weight; v-prediction only). Finite at
+    zero terminal SNR for v-prediction.
+    """
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas / (1 - alphas)
+    v_pred = scheduler.config.prediction_type == "v_prediction"
+    if plus_one:
+        if not v_pred:
+            raise DatencoderError("the min_snr_plus_one weighting needs prediction_type v_prediction")
+        return torch.clamp(snr + 1, max=gamma) / (snr + 1)
+    capped = torch.clamp(snr, max=gamma)
+    return capped / (snr + 1) if v_pred else capped / snr
+
+
 def diffusion_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -121,9 +139,4 @@ class Objective:
         gamma = self.cfg.loss.snr_gamma
         if gamma is None:
             return torch.ones(timesteps.shape, device=timesteps.device)
-        alphas = self.base.scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-        snr = alphas / (1 - alphas)
-        capped = torch.minimum(snr, torch.full_like(snr, gamma))
-        if self.base.scheduler.config.prediction_type == "v_prediction":
-            return capped / (snr + 1)  # finite at zero terminal SNR too
-        return capped / snr
+        return min_snr_weights(self.base.scheduler, timesteps, gamma)

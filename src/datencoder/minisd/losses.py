@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from ..errors import DatencoderError
+from ..objective import diffusion_target, min_snr_weights
 
 
 @dataclass
@@ -50,11 +51,6 @@ class DiffusionLossConfig:
     noise. Needs v-prediction; saved into the scheduler config (``rescale_betas_zero_snr``)."""
 
 
-def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    a = scheduler.alphas_cumprod[timesteps].float()
-    return a / (1 - a)
-
-
 def diffusion_loss(
     unet: UNet2DConditionModel,
     latents: torch.Tensor,
@@ -68,10 +64,7 @@ def diffusion_loss(
     noise = torch.randn(latents.shape, generator=generator)
     t = torch.randint(0, cfg.num_train_timesteps, (b,), generator=generator)
     noisy = scheduler.add_noise(latents, noise, t)
-    if cfg.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, t)
-    else:
-        target = noise
+    target = diffusion_target(scheduler, latents, noise, t)
     pred = unet(noisy, t, encoder_hidden_states=text_states).sample.float()
     per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
     raw = per_sample.mean()
@@ -81,13 +74,6 @@ def diffusion_loss(
 
 def loss_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, cfg: DiffusionLossConfig) -> torch.Tensor:
     """Per-sample weights of the prediction MSE for ``cfg.weighting`` (see DiffusionLossConfig)."""
-    s = snr(scheduler, timesteps)
-    if cfg.weighting == "min_snr_plus_one":
-        if cfg.prediction_type != "v_prediction":
-            raise DatencoderError("weighting min_snr_plus_one needs prediction_type v_prediction")
-        return torch.clamp(s + 1, max=cfg.snr_gamma) / (s + 1)
-    if cfg.weighting != "min_snr":
+    if cfg.weighting not in ("min_snr", "min_snr_plus_one"):
         raise DatencoderError(f"weighting must be 'min_snr' or 'min_snr_plus_one', got {cfg.weighting!r}")
-    clipped = torch.clamp(s, max=cfg.snr_gamma)
-    # Equal-weight the x0 error, capped at gamma; in v-space x0-weight snr becomes snr + 1.
-    return clipped / (s + 1) if cfg.prediction_type == "v_prediction" else clipped / s
+    return min_snr_weights(scheduler, timesteps, cfg.snr_gamma, plus_one=cfg.weighting == "min_snr_plus_one")
