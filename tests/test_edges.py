@@ -179,10 +179,12 @@ def test_generate_batches_and_replaces_its_own_outputs(world, capsys, tmp_path):
     common = ["generate", concept, "a photo of S*", "--steps", "2"]
     _ok(capsys, [*common, "--num-images", "3", "--batch-size", "1", "--out", tmp_path / "one-by-one"])
     _ok(capsys, [*common, "--num-images", "3", "--out", out])  # one batch of 3
-    for i in range(3):  # the noise stream continues across batches: same images
-        a = np.asarray(Image.open(out / f"{i:03d}.png"))
-        b = np.asarray(Image.open(tmp_path / "one-by-one" / f"{i:03d}.png"))
-        assert np.array_equal(a, b), i
+    for i in range(3):  # the noise stream continues across batches: the same images
+        a = np.asarray(Image.open(out / f"{i:03d}.png")).astype(int)
+        b = np.asarray(Image.open(tmp_path / "one-by-one" / f"{i:03d}.png")).astype(int)
+        # equal noise; a batched matmul may round differently from single rows (BLAS blocking,
+        # threads), which moves a few pixels by a grey level -- other noise moves all by tens
+        assert np.abs(a - b).max() <= 2 and np.abs(a - b).mean() < 0.05, (i, np.abs(a - b).max())
     _ok(capsys, [*common, "--num-images", "1", "--out", out])  # a rerun leaves no stale images
     assert sorted(p.name for p in out.iterdir()) == ["000.png", "generation.json", "grid.png"]
     assert json.loads((out / "generation.json").read_text())["complete"] is True

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     }
     write_json_atomic(out / "generation.json", {**settings, "complete": False})  # marks the folder as ours
     # One generator for all batches: the noise stream continues, so the images do not depend on
-    # --batch-size (CPU draws; tests/test_edges.py).
+    # --batch-size beyond float rounding (CPU draws; tests/test_edges.py).
     generator = torch.Generator().manual_seed(args.seed)
     grid_images = []
     t1 = time.perf_counter()
