@@ -102,7 +102,9 @@ def markdown(results: list[dict], command: str, setup: str) -> str:
         lines.append(f"- `{r['encoder']}`: " + ", ".join(f"{w} ({c})" for w, c in r["most_common"]))
     lines += ["", "Concept words: the lowercase words (3+ letters) of the emoji's name, category and subcategory, "
               "with simple plural forms, without `and`, `with`, `face`, ...; per-image nearest words are in "
-              "the JSON file next to this one."]
+              "the JSON file next to this one. Pre-training logs the same collapse signal while it runs: "
+              "`health_distinct_nearest` and `health_top_word_share` of the predictions of each log window, "
+              "in `log.jsonl`."]
     return "\n".join(lines) + "\n"
 
 
