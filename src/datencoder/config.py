@@ -78,6 +78,9 @@ class EncoderConfig:
     trunk_layers: int = 2
     timestep_dim: int = 128
     use_hypernetwork: bool = True
+    hypernet_mode: str = "core"
+    """'core': a per-sample r x r core on a learned per-layer basis (B = U M(x), A fixed); 'full':
+    per-sample A and B themselves (far more weights; see hypernetwork.py)."""
     rank: int = 4
     targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     """Attention projections that receive low-rank offsets."""
@@ -91,6 +94,8 @@ class EncoderConfig:
             raise DatencoderError(f"encoder.trunk_layers must be >= 1, got {self.trunk_layers}")
         if self.rank < 1:
             raise DatencoderError(f"encoder.rank must be >= 1, got {self.rank}")
+        if self.hypernet_mode not in ("core", "full"):
+            raise DatencoderError(f"encoder.hypernet_mode must be 'core' or 'full', got {self.hypernet_mode!r}")
         bad = [k for k in self.attention_kinds if k not in ("self", "cross")]
         if bad:
             raise DatencoderError(f"encoder.attention_kinds may hold 'self' and 'cross', got {bad}")
@@ -201,12 +206,19 @@ class TuneConfig:
     lr_lora: float = 1e-3
     tune_embedding: bool = True
     tune_lora: bool = True
+    tune_heads: bool = False
+    """Tune (a copy of) the encoder's embedding head and hypernetwork on the image's fixed trunk
+    features instead of v and the factors directly (METHOD.md: "optionally also the encoder's heads");
+    tune_embedding / tune_lora then pick the embedding head / the hypernetwork."""
+    lr_heads: float = 1e-4
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise DatencoderError(f"tune.steps must be >= 0, got {self.steps}")
         check_seed(self.seed, "tune.seed")
+        if self.lr_heads <= 0:
+            raise DatencoderError(f"tune.lr_heads must be > 0, got {self.lr_heads}")
 
 
 @dataclass

@@ -85,22 +85,33 @@ class EncoderSystem:
     def training_terms(self, pixels: Tensor, prompts: list[str],
                        generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Named, weighted loss terms of one pre-training batch (prompts contain S*)."""
+        return self.training_step(pixels, prompts, generator)[0]
+
+    def training_step(self, pixels: Tensor, prompts: list[str],
+                      generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], EncoderOutput]:
+        """The loss terms and the encoder's predictions (pre-training watches them for collapse)."""
         latents = self.encode_latents(pixels, generator)
         batch = self.objective.add_noise(latents, generator)
         out = self.run_encoder(pixels, batch)
         dual = self.cfg.dual_path.enabled and self.cfg.dual_path.in_pretraining
-        return self.objective(batch, prompts, out.embedding, out.factors, dual, generator)
+        return self.objective(batch, prompts, out.embedding, out.factors, dual, generator), out
 
     # -- personalisation ------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, pixels: Tensor, generator: torch.Generator | None = None) -> EncoderOutput:
-        """The encoder's prediction for concept images at the fixed inference timestep."""
+    def predict_features(self, pixels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Features of concept images at the fixed inference timestep: ([N, width], timesteps [N])."""
         latents = self.encode_latents(pixels, generator)
         t = self.cfg.encoder.inference_timestep
         if t is None:
             t = self.base.scheduler.config.num_train_timesteps // 2
         timesteps = torch.full((latents.shape[0],), t, dtype=torch.long)
-        return self.run_encoder(pixels, self.objective.add_noise(latents, generator, timesteps))
+        batch = self.objective.add_noise(latents, generator, timesteps)
+        return self.features(pixels, batch.noisy, batch.timesteps), batch.timesteps
+
+    @torch.no_grad()
+    def predict(self, pixels: Tensor, generator: torch.Generator | None = None) -> EncoderOutput:
+        """The encoder's prediction for concept images at the fixed inference timestep."""
+        return self.encoder(*self.predict_features(pixels, generator))
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, directory: str | Path, info: dict | None = None) -> Path:

@@ -7,7 +7,8 @@ is image ``perm(seed, epoch = k // N)[k % N]`` with augmentation and template dr
 generator seeded by (seed, k). The noise, timesteps and negatives come from one generator per
 process whose state is checkpointed, so ``--resume`` continues bit-identically.
 
-Output folder: ``log.jsonl``, ``checkpoint/`` (encoder + AdamW + scheduler tensors in safetensors,
+Output folder: ``log.jsonl`` (loss terms, and ``health_distinct_nearest`` / ``health_top_word_share``
+of the window's predicted embeddings, so an encoder collapse shows while it happens), ``checkpoint/`` (encoder + AdamW + scheduler tensors in safetensors,
 step/position/RNG states in JSON, swapped in atomically), ``samples/step_XXXXXX.png`` and the
 final ``encoder/`` (``EncoderSystem.save``, with the resolved config).
 """
@@ -38,10 +39,12 @@ from ..checkpoints import check_output, load_tensors, read_json, save_tensors_at
 from ..config import Config, TrainConfig, load_config, to_dict
 from ..data.folder import ImageFolderDataset
 from ..errors import DatencoderError
+from ..health import nearest_word_stats
 from ..image_io import make_grid, save_image_atomic
 from ..minisd.checkpoint import load_optimizer_tensors, optimizer_tensors
 from ..pipeline import ConceptPipeline
 from ..system import EncoderSystem
+from ..tokens import nearest_tokens
 from ..tuning import personalize
 
 __all__ = ["add_arguments", "run", "train", "TrainResult", "lr_factor"]
@@ -329,7 +332,7 @@ def train(cfg: Config, resume: bool = False, max_steps: int | None = None) -> Tr
     stop = tc.steps if max_steps is None else min(tc.steps, step + max_steps)
     bar = tqdm(total=tc.steps, initial=step, desc="pretrain", disable=not accelerator.is_local_main_process)
     start_step, start_time = step, time.perf_counter()
-    window = {"time": start_time, "terms": {}, "n": 0}
+    window = {"time": start_time, "terms": {}, "n": 0, "nearest": []}
     encoder.train()
     while step < stop:
         terms_sum: dict[str, float] = {}
@@ -337,7 +340,9 @@ def train(cfg: Config, resume: bool = False, max_steps: int | None = None) -> Tr
             pixels, prompts = next(batches)
             with accelerator.accumulate(encoder):
                 with accelerator.autocast():
-                    terms = system.training_terms(pixels.to(accelerator.device), list(prompts), generator)
+                    terms, pred = system.training_step(pixels.to(accelerator.device), list(prompts), generator)
+                # collapse watch: the nearest real word of every prediction in the log window
+                window["nearest"] += nearest_tokens(pred.embedding.detach(), system.vocab_table, 1)[0][:, 0].tolist()
                 loss = sum(terms.values())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tc.max_grad_norm > 0:
@@ -364,11 +369,13 @@ def train(cfg: Config, resume: bool = False, max_steps: int | None = None) -> Tr
             now = time.perf_counter()
             row = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                    "loss": sum(means), **dict(zip(names, means)),
-                   "s_per_step": (now - window["time"]) / window["n"]}
+                   "s_per_step": (now - window["time"]) / window["n"],
+                   # this process's predictions since the last row (a collapse: few words, one dominant)
+                   **{f"health_{k}": v for k, v in nearest_word_stats(window["nearest"]).items()}}
             if accelerator.is_main_process:
                 with log_path.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
-            window = {"time": now, "terms": {}, "n": 0}
+            window = {"time": now, "terms": {}, "n": 0, "nearest": []}
         if tc.sample_every > 0 and step % tc.sample_every == 0 and accelerator.is_main_process:
             system.encoder = accelerator.unwrap_model(encoder).eval()
             _sample_grid(system, dataset, cfg, out / "samples" / f"step_{step:06d}.png")
