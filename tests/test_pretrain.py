@@ -99,7 +99,7 @@ def _config_classes() -> dict[str, type]:
         "minisd_tower.yaml": TowerStageConfig, "minisd_evaluator.yaml": EvaluatorStageConfig,
         "minisd_encoder_no_contrastive.yaml": Config, "minisd_encoder_no_hypernet.yaml": Config,
         "minisd_encoder_full_hypernet.yaml": Config,
-        "minisd_e4t_animals.yaml": Config, "eval_minisd.yaml": EvalConfig,
+        "minisd_e4t_animals.yaml": Config, "eval_minisd.yaml": EvalConfig, "eval_minisd_fixed.yaml": EvalConfig,
     }
 
 

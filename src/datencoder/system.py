@@ -129,8 +129,9 @@ class EncoderSystem:
 
     @classmethod
     def load(cls, directory: str | Path, base: BaseModel | None = None, overrides: dict | None = None) -> "EncoderSystem":
-        """Load a saved encoder; the base model is loaded from its config unless given."""
-        directory = Path(directory)
+        """Load a saved encoder (a folder, or the shipped encoder's name); the base model is loaded
+        from its config unless given."""
+        directory = resolve_encoder(directory)
         meta = read_json(directory / f"{KIND}.json", KIND)
         state = load_tensors(directory / f"{KIND}.safetensors", KIND)
         cfg_data = meta["config"]
