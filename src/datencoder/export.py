@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .concept import Concept
 from .errors import DatencoderError
+from .export_kohya import export_kohya
 
 __all__ = ["export_concept", "export_diffusers", "FORMATS", "LORA_FILE", "EMBEDDING_FILE"]
 
@@ -113,7 +114,7 @@ def export_diffusers(concept: Concept, out_dir: str | Path) -> Path:
     return out_dir
 
 
-FORMATS = {"diffusers": export_diffusers}
+FORMATS = {"diffusers": export_diffusers, "kohya": export_kohya}
 
 
 def export_concept(concept: Concept, out_dir: str | Path, format: str = "diffusers") -> Path:
