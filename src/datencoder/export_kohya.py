@@ -34,6 +34,7 @@ from torch import Tensor
 from .checkpoints import save_file_atomic, write_text_atomic
 from .concept import Concept
 from .errors import DatencoderError
+from .export_base import load_code, sample_code
 
 __all__ = ["export_kohya", "kohya_lora_tensors", "kohya_module_name", "a1111_embedding_tensors", "is_sdxl"]
 
@@ -136,12 +137,11 @@ def _readme(concept: Concept, stem: str, folder: Path) -> str:
         "ComfyUI: the LoRA into models/loras/ (LoraLoader, strength 1), the embedding into",
         f"models/embeddings/, and prompt  a photo of embedding:{stem} on the beach", "",
         "diffusers (reads the kohya layout too):", "",
-        "    from diffusers import StableDiffusionPipeline",
-        f"    pipe = StableDiffusionPipeline.from_pretrained({base!r}, safety_checker=None)",
-        f"    folder = {str(folder)!r}",
-        f"    pipe.load_lora_weights(folder, weight_name='{stem}_lora.safetensors')",
-        f"    pipe.load_textual_inversion(folder + '/{stem}.safetensors', token='{stem}')",
-        f"    image = pipe('a photo of {stem} on the beach').images[0]", "",
+        *(f"    {line}" for line in [
+            *load_code(base), f"folder = {str(folder)!r}",
+            f"pipe.load_lora_weights(folder, weight_name='{stem}_lora.safetensors')",
+            f"pipe.load_textual_inversion(folder + '/{stem}.safetensors', token='{stem}')",
+            *sample_code(f"a photo of {stem} on the beach")]), "",
         f"Write {stem} where datencoder prompts use {concept.placeholder}. Single path only: datencoder",
         f"samples with the dual-path blend (a = {concept.blend_self} self-, {concept.blend_cross} cross-attention,",
         f"hard word {concept.hard_word!r}); a plain LoRA cannot express it, so this file is the concept with",
