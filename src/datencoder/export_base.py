@@ -27,11 +27,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .base import BaseModel, _read_base_json, _resolve
+from .base import DEFAULT_BASE, BaseModel, _read_base_json, _resolve
 from .checkpoints import write_text_atomic
 from .errors import DatencoderError
 
-__all__ = ["export_base", "check_export_dir", "load_code", "sample_code", "borrows_parts"]
+__all__ = ["export_base", "check_export_dir", "load_code", "sample_code", "borrows_parts", "assembly_readme"]
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,19 @@ def load_code(base_name: str) -> list[str]:
     text_src = f"{text_pkg}.get_model_path()" if text_pkg else "base + '/text_encoder'"
     tok_src = f"{tok['python_package']}.get_model_path()" if tok.get("python_package") else "base + '/tokenizer'"
     length = f", model_max_length={int(tok['model_max_length'])}" if "model_max_length" in tok else ""
+    if base_name == DEFAULT_BASE:  # inside the installed package: found without importing datencoder
+        imports = ["import importlib.util", "import os"]
+        where = ["package = importlib.util.find_spec('datencoder').submodule_search_locations[0]",
+                 f"base = os.path.join(package, 'assets', {DEFAULT_BASE!r})"]
+    else:
+        imports, where = [], [f"base = {str(Path(root).resolve())!r}"]
     return [
+        *imports,
         *(f"import {p}" for p in packages),
         "import torch",
         "from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel",
         "from transformers import AutoModel, AutoTokenizer",
-        f"base = {str(Path(root).resolve())!r}",
+        *where,
         "pipe = StableDiffusionPipeline(",
         "    vae=AutoencoderKL.from_pretrained(base, subfolder='vae', torch_dtype=torch.float32),",
         "    unet=UNet2DConditionModel.from_pretrained(base, subfolder='unet', torch_dtype=torch.float32),",
@@ -91,6 +98,20 @@ def load_code(base_name: str) -> list[str]:
         "    scheduler=DDIMScheduler.from_pretrained(base, subfolder='scheduler'),  # datencoder's sampler",
         "    safety_checker=None, feature_extractor=None, requires_safety_checker=False)",
     ]
+
+
+def assembly_readme(base_name: str = DEFAULT_BASE) -> str:
+    """README.txt of a folder that borrows parts from a package (the shipped minisd-emoji)."""
+    return "\n".join([
+        f"Base model {base_name!r} of datencoder: unet/, vae/, scheduler/ (and image_tower/) in diffusers layout.",
+        "It is not a complete diffusers pipeline: the text encoder and tokenizer come from a Python package",
+        "(see datencoder_base.json), so StableDiffusionPipeline.from_pretrained cannot load this folder.", "",
+        "Load it:", "", *(f"    {line}" for line in [*load_code(base_name), *sample_code("a cat")]), "",
+        f"This is `datencoder generate \"a cat\" --base {base_name} --num-images 1 --seed 0`. The tokenizer",
+        "length and the DDIM settings of scheduler/ matter: left out, every image changes.",
+        f"Or write a complete pipeline folder once, `datencoder export-base {base_name} --out DIR`, and load it",
+        "with StableDiffusionPipeline.from_pretrained(DIR).", "",
+    ])
 
 
 def _readme(base: BaseModel, folder: Path) -> str:
