@@ -12,7 +12,7 @@ Two ways to use a datencoder base outside datencoder:
   text_encoder/, tokenizer/, scheduler/, plus image_tower/ when the base has one) that
   ``StableDiffusionPipeline.from_pretrained(folder)`` loads as is and datencoder accepts as
   ``--base`` with the same fingerprint. Weights are written fp32 (the loaded precision), so the
-  minisd-emoji folder is about 170 MB; it is never written into the package.
+  minisd-emoji folder is 150 MB; it is never written into the package.
 
 Either way the scheduler is DDIM built from the base's own scheduler config, as
 ``ConceptPipeline`` builds it (``generate --scheduler ddim``, the default): a DDIM swapped in with
