@@ -24,6 +24,8 @@ from pathlib import Path
 
 from .concept import Concept
 from .errors import DatencoderError
+from .export_base import borrows_parts, load_code, sample_code
+from .export_kohya import export_kohya
 
 __all__ = ["export_concept", "export_diffusers", "FORMATS", "LORA_FILE", "EMBEDDING_FILE"]
 
@@ -53,24 +55,23 @@ def _lora_state_and_metadata(concept: Concept) -> tuple[dict, dict]:
     return state, config.to_dict()
 
 
-def _readme(concept: Concept, has_lora: bool) -> str:
+def _readme(concept: Concept, has_lora: bool, folder: Path) -> str:
     base, token = concept.base.get("name", "?"), concept.token
     files = [f"  {EMBEDDING_FILE}: textual-inversion embedding of the token {token}"]
-    code = [
-        "    from diffusers import StableDiffusionPipeline",
-        f"    pipe = StableDiffusionPipeline.from_pretrained({base!r}, safety_checker=None)",
-        "    folder = '<this folder>'",
-        f"    pipe.load_textual_inversion(folder, token={token!r})",
-        f"    image = pipe('a photo of {token}').images[0]",
-    ]
     if has_lora:
         files.insert(0, f"  {LORA_FILE}: UNet LoRA (diffusers save_lora_weights format, PEFT adapter metadata)")
-        code.insert(3, "    pipe.load_lora_weights(folder)")
+    code = [*load_code(base), f"folder = {str(folder)!r}", *(["pipe.load_lora_weights(folder)"] if has_lora else []),
+            f"pipe.load_textual_inversion(folder, token={token!r})", *sample_code(f"a photo of {token} on the beach")]
+    standalone = ([f"Or write the base once as a standalone folder, `datencoder export-base {base} --out DIR`,",
+                   "and load it with StableDiffusionPipeline.from_pretrained(DIR) instead.", ""]
+                  if borrows_parts(base) else [])
     return "\n".join([
         "Concept exported by datencoder for stock diffusers.", "", "Files:", *files, "",
         f"Base model: {base} (fingerprint {concept.base.get('fingerprint', '?')}).",
-        "Use the same base model the concept was made with.", "", "Load it:", "", *code, "",
-        f"Write {token} where datencoder prompts use {concept.placeholder}.", "",
+        "Use the same base model the concept was made with.", "", "Load it:", "", *(f"    {c}" for c in code), "",
+        "This is the image of `datencoder generate <concept folder> \"a photo of "
+        f"{concept.placeholder} on the beach\" --no-dual-path --num-images 1 --seed 0`.",
+        f"Write {token} where datencoder prompts use {concept.placeholder}.", "", *standalone,
         "Single path only. datencoder samples with the dual-path blend",
         f"(a = {concept.blend_self} for self-, {concept.blend_cross} for cross-attention): each attention "
         "layer runs a second",
@@ -101,7 +102,7 @@ def export_diffusers(concept: Concept, out_dir: str | Path) -> Path:
             )
         save_file({concept.token: concept.embedding.detach().float().contiguous().cpu()},  # [D]
                   str(staging / EMBEDDING_FILE), metadata={"format": "pt"})
-        (staging / README_FILE).write_text(_readme(concept, has_lora))
+        (staging / README_FILE).write_text(_readme(concept, has_lora, out_dir.resolve()))
         names = ([LORA_FILE] if has_lora else []) + [EMBEDDING_FILE, README_FILE]
         for name in names:
             os.replace(staging / name, out_dir / name)
@@ -113,7 +114,7 @@ def export_diffusers(concept: Concept, out_dir: str | Path) -> Path:
     return out_dir
 
 
-FORMATS = {"diffusers": export_diffusers}
+FORMATS = {"diffusers": export_diffusers, "kohya": export_kohya}
 
 
 def export_concept(concept: Concept, out_dir: str | Path, format: str = "diffusers") -> Path:
