@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "personalize": ("datencoder.recipes.personalize", "encoder prediction + short tuning on one image"),
     "generate": ("datencoder.recipes.generate", "generate images of a concept from a prompt"),
     "export": ("datencoder.recipes.export", "export a concept for stock diffusers"),
+    "app": ("datencoder.recipes.app", "a local web page to personalise and generate (needs the app extra)"),
     "evaluate": ("datencoder.recipes.evaluate", "evaluate methods on held-out concepts"),
     "data": ("datencoder.recipes.data", "build a training data set (emoji)"),
     "minisd": ("datencoder.recipes.minisd", "train a stage of the embedded default model"),
