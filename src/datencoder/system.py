@@ -22,11 +22,24 @@ from .features import FeatureExtractor
 from .objective import NoisyLatents, Objective
 from .tokens import add_placeholder, vocabulary
 
-__all__ = ["EncoderSystem", "prepare_base", "DEFAULT_ENCODER_DIR"]
+__all__ = ["EncoderSystem", "prepare_base", "resolve_encoder", "DEFAULT_ENCODER", "DEFAULT_ENCODER_DIR"]
 
 KIND = "encoder"
-DEFAULT_ENCODER_DIR = Path(__file__).resolve().parent / "assets" / "minisd-emoji-encoder"
+DEFAULT_ENCODER = "minisd-emoji-encoder"
+"""The name of the shipped encoder on the command line (like the base's ``minisd-emoji``)."""
+DEFAULT_ENCODER_DIR = Path(__file__).resolve().parent / "assets" / DEFAULT_ENCODER
 """The encoder pre-trained on the embedded default base model, shipped in the package."""
+
+
+def resolve_encoder(name: str | Path) -> Path:
+    """The folder of an encoder given by folder or by the shipped name; one-line error if absent."""
+    from .errors import DatencoderError
+
+    path = DEFAULT_ENCODER_DIR if str(name) == DEFAULT_ENCODER else Path(name).expanduser()
+    if not path.is_dir():
+        raise DatencoderError(f"encoder folder {name} not found; pass --encoder a folder written by "
+                              f"'datencoder pretrain' or the shipped '{DEFAULT_ENCODER}'")
+    return path
 
 
 def prepare_base(base: BaseModel, token: str) -> int:

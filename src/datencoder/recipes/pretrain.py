@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -32,8 +33,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..base import load_base
-from ..checkpoints import load_tensors, read_json, save_tensors_atomic, write_json_atomic
+from ..base import DEFAULT_BASE, load_base
+from ..checkpoints import check_output, load_tensors, read_json, save_tensors_atomic, write_json_atomic
 from ..config import Config, TrainConfig, load_config, to_dict
 from ..data.folder import ImageFolderDataset
 from ..errors import DatencoderError
@@ -238,9 +239,34 @@ def _trim_log(path: Path, step: int) -> None:
         os.replace(tmp, path)
 
 
+def _accelerator(tc: TrainConfig):
+    """The Accelerator, refusing a launch whose processes would each train alone.
+
+    ``accelerate launch --multi_gpu --num_processes N`` without N GPUs starts N processes that each
+    see one process (WORLD_SIZE=N, num_processes=1): N independent trainings writing one folder.
+    """
+    from accelerate import Accelerator
+
+    try:
+        accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum)
+    except (ValueError, RuntimeError) as err:  # e.g. WORLD_SIZE set without MASTER_ADDR
+        line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DatencoderError(f"could not start the distributed run ({line}); {_LAUNCH_HINT}") from None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != accelerator.num_processes:
+        raise DatencoderError(
+            f"launched as {world} processes (WORLD_SIZE={world}) but accelerate runs each alone "
+            f"(num_processes={accelerator.num_processes}, {accelerator.distributed_type.value}): they would train "
+            f"independently into one output folder; {_LAUNCH_HINT}")
+    return accelerator
+
+
+_LAUNCH_HINT = ("on N GPUs use 'accelerate launch --multi_gpu --num_processes N', on CPUs "
+                "'ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N' (docs/commands.md)")
+
+
 def train(cfg: Config, resume: bool = False, max_steps: int | None = None) -> TrainResult:
     """Pre-train (or continue) the encoder described by ``cfg``; returns the run's summary."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     tc = cfg.train
@@ -257,8 +283,13 @@ def train(cfg: Config, resume: bool = False, max_steps: int | None = None) -> Tr
     ckpt_dir = _checkpoint_dir(out) if resume else None
     if resume and ckpt_dir is None:
         raise DatencoderError(f"no checkpoint in {out}/checkpoint; run without --resume first")
+    check_output(out, "train.output_dir")
+    for key in ("pretrained", "image_tower"):  # the saved encoder must not depend on the working directory
+        value = getattr(cfg.model, key)
+        if value and value != DEFAULT_BASE and Path(value).expanduser().is_dir():
+            setattr(cfg.model, key, str(Path(value).expanduser().resolve()))
 
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum)
+    accelerator = _accelerator(tc)
     set_seed(tc.seed)  # encoder initialisation
     d = cfg.data  # scanned first: a bad data path fails before a large model is loaded
     dataset = ImageFolderDataset(d.root, d.resolution, d.templates, d.extensions, d.manifest, d.splits,
@@ -282,10 +313,13 @@ def train(cfg: Config, resume: bool = False, max_steps: int | None = None) -> Tr
         step, position, epoch, loss_value = meta["step"], meta["position"], meta["epoch"], meta["loss"]
         log.info("resumed from %s at step %d", ckpt_dir, step)
     per_step = tc.batch_size * tc.grad_accum * accelerator.num_processes
+    sampler = _ShardPositions(position, tc.batch_size, tc.grad_accum, accelerator.num_processes,
+                              accelerator.process_index)
+    first = list(itertools.islice(iter(sampler), tc.batch_size * tc.grad_accum))
+    log.info("process %d/%d reads stream positions %s at step %d", accelerator.process_index,
+             accelerator.num_processes, first, step + 1)
     loader = torch.utils.data.DataLoader(
-        _Stream(dataset, tc.seed), batch_size=tc.batch_size, num_workers=d.num_workers,
-        sampler=_ShardPositions(position, tc.batch_size, tc.grad_accum, accelerator.num_processes,
-                                accelerator.process_index))
+        _Stream(dataset, tc.seed), batch_size=tc.batch_size, num_workers=d.num_workers, sampler=sampler)
     batches = iter(loader)
 
     log_path = out / "log.jsonl"
