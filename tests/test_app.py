@@ -277,7 +277,7 @@ def test_browser_upload_personalise_generate(server, tmp_path):
     steps, images = (12, 4) if shot else (2, 1)
     driver = _browser()
     try:
-        wait = WebDriverWait(driver, 180)
+        wait = WebDriverWait(driver, 600)  # generous: a busy CI machine
         driver.get(server[0])
         upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#image input[type=file]"))
         upload.send_keys(str(APPLE))

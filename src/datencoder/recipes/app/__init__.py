@@ -21,10 +21,10 @@ HELP_HOST = "address to listen on (default 127.0.0.1: this machine only; 0.0.0.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ...system import DEFAULT_ENCODER_DIR
+    from ...system import DEFAULT_ENCODER
 
-    parser.add_argument("--encoder", default=str(DEFAULT_ENCODER_DIR), metavar="DIR",
-                        help="folder of a pre-trained encoder (default: the embedded one)")
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER, metavar="DIR",
+                        help=f"encoder folder, or the shipped {DEFAULT_ENCODER} (default)")
     parser.add_argument("--base", default=None, metavar="PATH_OR_ID",
                         help="base model (default: the one the encoder was trained on)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
@@ -38,7 +38,7 @@ def load_system(encoder: str | Path, base: str | None = None, device: str = "cpu
 
     from ...base import load_base
     from ...checkpoints import read_json
-    from ...system import EncoderSystem
+    from ...system import EncoderSystem, resolve_encoder
 
     try:
         device = torch.device(device)
@@ -46,9 +46,7 @@ def load_system(encoder: str | Path, base: str | None = None, device: str = "cpu
         raise DatencoderError(f"--device {device!r} is not a torch device; use cpu or cuda") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DatencoderError("--device cuda, but torch sees no CUDA GPU; use --device cpu")
-    encoder = Path(encoder)
-    if not (encoder / "encoder.json").is_file():
-        raise DatencoderError(f"no encoder at {encoder}; pass --encoder a folder written by 'datencoder pretrain'")
+    encoder = resolve_encoder(encoder)
     model = read_json(encoder / "encoder.json", "encoder").get("config", {}).get("model", {})
     base_model = load_base(base or model.get("pretrained"), model.get("image_tower"),
                            revision=None if base else model.get("revision"), device=device)
