@@ -22,7 +22,7 @@ def build(studio: Studio, examples: list[Path], example_prompts: list[str]) -> g
 
     def on_personalise(upload, steps, session, progress=gr.Progress()):
         # preprocess=False: the image arrives as gradio's file record, read by the studio's own checks
-        upload = upload or {}
+        upload = upload if isinstance(upload, dict) else {}
         try:
             result = studio.personalize(session, upload.get("path"), steps, name=upload.get("orig_name"),
                                         progress=_progress(progress))
