@@ -57,6 +57,15 @@ def test_too_small(tmp_path):
     assert load_image(path, min_size=8).size == (12, 12)
 
 
+def test_too_many_pixels_refused_before_decoding(tmp_path):
+    path = _save(Image.new("RGB", (300, 200)), tmp_path / "big.png")
+    path.write_bytes(path.read_bytes()[:100])  # header intact, pixels gone: only the header is read
+    with pytest.raises(DatencoderError, match=r"big\.png is 300x200 pixels, more than the limit of 0\.1 megapixels"):
+        load_image(path, max_pixels=50_000)
+    with pytest.raises(DatencoderError, match=r"big\.png is not a readable image"):
+        load_image(path, max_pixels=60_000)
+
+
 @pytest.mark.parametrize("case", ["missing", "text"])
 def test_errors_are_one_line(tmp_path, case):
     path = tmp_path / "x.jpg"

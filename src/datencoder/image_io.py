@@ -51,8 +51,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path, *, min_size: int = 32) -> Image.Image:
-    """Open ``path`` as an RGB image (first frame, EXIF orientation applied, at least ``min_size``)."""
+def load_image(path: str | Path, *, min_size: int = 32, max_pixels: int | None = None) -> Image.Image:
+    """Open ``path`` as an RGB image (first frame, EXIF orientation applied, at least ``min_size``).
+
+    ``max_pixels`` refuses larger images from the header alone, before any pixel is decoded (a
+    server must not decode a 100-megapixel upload to find out it is too large).
+    """
     path = Path(path)
     if not path.exists():
         raise DatencoderError(f"image not found: {path}; check the path")
@@ -60,6 +64,9 @@ def load_image(path: str | Path, *, min_size: int = 32) -> Image.Image:
         raise DatencoderError(f"{path} is a directory; {_FORMATS_HINT} file")
     try:
         with Image.open(path) as opened:
+            if max_pixels is not None and opened.width * opened.height > max_pixels:
+                raise DatencoderError(f"{path} is {opened.width}x{opened.height} pixels, more than the limit of "
+                                     f"{max_pixels / 1e6:.1f} megapixels; use a smaller image")
             opened.seek(0)  # animated images: the first frame
             opened.load()
             try:
@@ -68,6 +75,8 @@ def load_image(path: str | Path, *, min_size: int = 32) -> Image.Image:
                 log.warning("ignoring unreadable EXIF orientation in %s", path)
                 image = opened.copy()
             image = _to_rgb(image)
+    except DatencoderError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DatencoderError(f"{path} is not a readable image ({reason}); {_FORMATS_HINT}") from err

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("datencoder.recipes.generate", "generate images of a concept from a prompt"),
     "export": ("datencoder.recipes.export", "export a concept for stock diffusers, AUTOMATIC1111 or ComfyUI"),
     "export-base": ("datencoder.recipes.export_base", "write a base model as a diffusers pipeline folder"),
+    "app": ("datencoder.recipes.app", "a local web page to personalise and generate (needs the app extra)"),
     "evaluate": ("datencoder.recipes.evaluate", "evaluate methods on held-out concepts"),
     "data": ("datencoder.recipes.data", "build a training data set (emoji)"),
     "minisd": ("datencoder.recipes.minisd", "train a stage of the embedded default model"),
