@@ -14,6 +14,8 @@ import re
 import time
 from pathlib import Path
 
+from .options import add_device_arguments, device_options
+
 DEFAULT_BASE = "minisd-emoji"
 
 
@@ -29,6 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", default="ddim", help="ddim, dpm or euler (default ddim)")
     parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default ./outputs/<prompt slug>)")
     parser.add_argument("--no-dual-path", action="store_true", help="sample single path (a = 1)")
+    parser.add_argument("--negative-prompt", default="", metavar="TEXT",
+                        help="what the images should not show (classifier-free guidance's unconditional prompt)")
+    parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: the base's resolution)")
+    parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: the base's resolution)")
+    parser.add_argument("--lora-scale", type=float, default=1.0, metavar="S",
+                        help="multiplies the concept's offset scale (default 1; 0 = embedding only)")
+    add_device_arguments(parser)
 
 
 def slug(text: str, limit: int = 60) -> str:
@@ -68,10 +77,15 @@ def run(args: argparse.Namespace) -> int:
         if concept.placeholder not in prompt:
             raise DatencoderError(f"the prompt {prompt!r} does not contain the concept's placeholder "
                                   f"{concept.placeholder}; write e.g. \"a photo of {concept.placeholder}\"")
+    if not math.isfinite(args.lora_scale):
+        raise DatencoderError(f"--lora-scale must be a finite number, got {args.lora_scale}")
+    device, dtype = device_options(args)
     base_name = args.base or (concept.base.get("name") if concept is not None else None) or DEFAULT_BASE
+    variant = args.variant or (concept.config.get("model", {}).get("variant") if concept is not None else None)
     t0 = time.perf_counter()
-    base = load_base(base_name, with_image_tower=False)
+    base = load_base(base_name, with_image_tower=False, torch_dtype=dtype, device=device, variant=variant)
     pipe = ConceptPipeline(base, concept, args.scheduler)  # refuses a concept made for another base
+    height, width = pipe.check_size(args.height, args.width)  # before any sampling
     load_s = time.perf_counter() - t0
 
     out = Path(args.out) if args.out else Path("outputs") / slug(prompt)
@@ -79,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=args.steps, desc="sampling", unit="step") as bar:
         images = pipe(prompt, num_images=args.num_images, num_inference_steps=args.steps,
                       guidance_scale=args.guidance, seed=args.seed, dual_path=not args.no_dual_path,
-                      callback=lambda i, total: bar.update(1))
+                      negative_prompt=args.negative_prompt, height=height, width=width,
+                      lora_scale=args.lora_scale, callback=lambda i, total: bar.update(1))
     sample_s = time.perf_counter() - t1
 
     for i, image in enumerate(images):
@@ -90,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         "prompt": prompt, "concept": concept_dir, "base": {"name": base.name, "fingerprint": base.fingerprint},
         "num_images": args.num_images, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
         "scheduler": args.scheduler, "dual_path": concept is not None and not args.no_dual_path,
+        "negative_prompt": args.negative_prompt, "height": height, "width": width,
+        "lora_scale": args.lora_scale, "device": str(device), "dtype": args.dtype, "variant": variant,
     })
     print(f"load {load_s:.2f} s, sampling {sample_s:.2f} s ({args.steps} steps x {len(images)} images)")
     print(f"wrote {len(images)} images and grid.png to {out}")

@@ -13,6 +13,8 @@ import argparse
 import time
 from pathlib import Path
 
+from .options import add_device_arguments, device_options
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", metavar="IMAGE", help="the one image of the concept (PNG, JPEG, WebP)")
@@ -24,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default=None, metavar="PATH_OR_ID",
                         help="base model (default: the one the encoder was trained on)")
     parser.add_argument("--no-dual-path", action="store_true", help="tune single path (a = 1)")
+    add_device_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="overrides of the encoder's config, right after IMAGE, e.g. tune.lr_lora=3e-3")
 
@@ -43,6 +46,8 @@ def _overrides(args: argparse.Namespace) -> dict:
         tune["steps"] = args.steps
     if args.no_dual_path:
         data.setdefault("dual_path", {})["enabled"] = False
+    if args.variant is not None:
+        data.setdefault("model", {})["variant"] = args.variant
     from_dict(Config, data)  # unknown keys, wrong types, --steps -1: one-line errors before any loading
     return data
 
@@ -58,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from ..tuning import personalize
 
     overrides = _overrides(args)
+    device, dtype = device_options(args)
     t0 = time.perf_counter()
     image = load_image(args.image)
     if not Path(args.encoder).is_dir():
@@ -66,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
     base = None
     if args.base is not None:
         tower = read_json(f"{args.encoder}/encoder.json", "encoder").get("config", {}).get("model", {}).get("image_tower")
-        base = load_base(args.base, tower)
-    system = EncoderSystem.load(args.encoder, base, overrides)
+        base = load_base(args.base, tower, torch_dtype=dtype, device=device, variant=args.variant)
+    system = EncoderSystem.load(args.encoder, base, overrides, device=device, dtype=dtype)
     pixels = image_to_tensor(image, system.base.resolution)  # [3, H, W] in [-1, 1]
     load_s = time.perf_counter() - t0
 
@@ -84,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     save_s = time.perf_counter() - t1
 
     info = concept.info
-    print(f"load      {load_s:7.2f} s  (image, base model '{system.base.name}', encoder)")
+    print(f"load      {load_s:7.2f} s  (image, base model '{system.base.name}' on {device} in {args.dtype}, encoder)")
     print(f"encoder   {info['encoder_s']:7.2f} s  (prediction)")
     print(f"tuning    {info['tuning_s']:7.2f} s  ({steps} steps, dual path {'on' if system.cfg.dual_path.enabled else 'off'})")
     print(f"save      {save_s:7.2f} s")
