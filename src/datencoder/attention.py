@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import Tensor
 
+from .errors import DatencoderError
 from .lora import lora_linear
 
 __all__ = [
@@ -42,7 +43,7 @@ class AdapterInputs:
     factors: dict[str, tuple[Tensor, Tensor]] | None = None
     """``"<attention module>.<target>" -> (A [N, r, in], B [N, out, r])``."""
     hard_states: Tensor | None = None
-    """Encoder states of the hard prompt, same shape as the soft ones; None = single path."""
+    """Encoder states of the hard prompt, one row per UNet row like the soft ones; None = single path."""
     blend_self: float = 1.0
     blend_cross: float = 1.0
     scale: float = 1.0
@@ -84,6 +85,10 @@ class DualPathProcessor:
         query = self._project(attn, "to_q", h, inputs)
         if context is None:
             context = h
+        elif context.shape[0] != batch:
+            # never let view() below silently fold one prompt's tokens into several rows
+            raise DatencoderError(f"attention layer {self.name}: the text context has {context.shape[0]} rows "
+                                  f"but the hidden states have {batch}; pass one context row per UNet row")
         elif attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         key = self._project(attn, "to_k", context, inputs)

@@ -88,7 +88,7 @@ class Objective:
 
     # -- prompts --------------------------------------------------------------------------
     def hard_words(self, embedding: Tensor) -> list[str]:
-        """The nearest real word of each embedding (no gradient)."""
+        """The nearest real word of each embedding row (no gradient): N embeddings -> N words."""
         index, _ = nearest_tokens(embedding.detach(), self.vocab_table, 1)
         return [token_word(self.base.tokenizer, self.vocab_ids[i]) for i in index[:, 0].tolist()]
 
@@ -100,25 +100,38 @@ class Objective:
 
     @torch.no_grad()
     def hard_states(self, prompts: list[str], words: list[str]) -> Tensor:
+        """States of the hard prompts, one row per prompt: prompt i takes word ``i % N``.
+
+        The same row rule as the soft path and the offsets (``lora.tile_to_batch``): during tuning
+        one embedding (N = 1) serves a batch of B prompts, during pre-training N = B.
+        """
+        if not words or len(prompts) % len(words):
+            raise DatencoderError(f"{len(prompts)} prompts cannot share {len(words)} hard words "
+                                  "(the prompt batch must be a multiple of the embedding batch)")
         placeholder = self.cfg.model.placeholder
-        ids = self.base.tokenize([fill_placeholder(p, placeholder, w) for p, w in zip(prompts, words)])
-        return self.base.encode_prompt(ids.to(self.base.unet.device))
+        filled = [fill_placeholder(p, placeholder, words[i % len(words)]) for i, p in enumerate(prompts)]
+        return self.base.encode_prompt(self.base.tokenize(filled).to(self.base.unet.device))
 
     def adapter_inputs(self, factors, hard: Tensor | None) -> AdapterInputs:
         dp = self.cfg.dual_path
         return AdapterInputs(factors=factors, hard_states=hard, blend_self=dp.blend_self,
                              blend_cross=dp.blend_cross, scale=self.cfg.encoder.lora_scale)
 
-    # -- loss -----------------------------------------------------------------------------
+    # -- prediction and loss --------------------------------------------------------------
+    def predict(self, batch: NoisyLatents, prompts: list[str], embedding: Tensor,
+                factors: dict[str, tuple[Tensor, Tensor]], dual_path: bool) -> Tensor:
+        """The adapted UNet's prediction for B prompts and N embeddings/factors (B a multiple of N)."""
+        soft = self.soft_states(prompts, embedding)
+        hard = self.hard_states(prompts, self.hard_words(embedding)) if dual_path else None
+        unet = self.base.unet
+        return unet(batch.noisy.to(unet.dtype), batch.timesteps, soft.to(unet.dtype),
+                    cross_attention_kwargs={"adapter": self.adapter_inputs(factors, hard)}).sample
+
     def __call__(self, batch: NoisyLatents, prompts: list[str], embedding: Tensor,
                  factors: dict[str, tuple[Tensor, Tensor]], dual_path: bool,
                  generator: torch.Generator | None = None) -> dict[str, Tensor]:
         loss_cfg = self.cfg.loss
-        soft = self.soft_states(prompts, embedding)
-        hard = self.hard_states(prompts, self.hard_words(embedding)) if dual_path else None
-        unet = self.base.unet
-        pred = unet(batch.noisy.to(unet.dtype), batch.timesteps, soft.to(unet.dtype),
-                    cross_attention_kwargs={"adapter": self.adapter_inputs(factors, hard)}).sample
+        pred = self.predict(batch, prompts, embedding, factors, dual_path)
         target = diffusion_target(self.base.scheduler, batch.latents, batch.noise, batch.timesteps)
         mse = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # [N]
         terms = {"diffusion": (mse * self._snr_weights(batch.timesteps)).mean()}

@@ -25,7 +25,7 @@ import torch
 from .base import quiet_loading
 from .errors import DatencoderError
 
-__all__ = ["build_tiny_base", "TINY_WORDS"]
+__all__ = ["build_tiny_base", "TINY_WORDS", "MAX_LENGTHS"]
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,17 @@ _BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _CLIP_BOS, _CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 
 _TEXT_HIDDEN = 32
-_MAX_LENGTH = 16
+# The real sequence lengths: the embedded MiniLM pads to 32 tokens, every SD 1.x/2.x CLIP to 77.
+# Lengths that no test batch divides keep a reshape that folds one prompt into several rows from
+# passing silently (a tuning-batch bug once hid behind a length of 16).
+MAX_LENGTHS = {"bert": 32, "clip": 77}
 
 
 def _unique(seq):
     return list(dict.fromkeys(seq))
 
 
-def _bert_parts():
+def _bert_parts(max_length: int):
     from transformers import BertConfig, BertModel, BertTokenizer
 
     # Single letters and ## letters make every lowercase word tokenizable without [UNK].
@@ -73,15 +76,15 @@ def _bert_parts():
          *(f"##{c}" for c in _LETTERS), ".", ",", "!", "?", "-", "'", "*"]
     )
     tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True,
-                              model_max_length=_MAX_LENGTH)
+                              model_max_length=max_length)
     config = BertConfig(
         vocab_size=len(vocab), hidden_size=_TEXT_HIDDEN, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=2 * _TEXT_HIDDEN, max_position_embeddings=2 * _MAX_LENGTH, pad_token_id=0,
+        intermediate_size=2 * _TEXT_HIDDEN, max_position_embeddings=max_length, pad_token_id=0,
     )
     return tokenizer, BertModel(config, add_pooling_layer=False)
 
 
-def _clip_parts():
+def _clip_parts(max_length: int):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -99,11 +102,11 @@ def _clip_parts():
                      *(c + "</w>" for c in chars)])
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
     tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges,
-                              model_max_length=_MAX_LENGTH)
+                              model_max_length=max_length)
     config = CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=_TEXT_HIDDEN, intermediate_size=2 * _TEXT_HIDDEN,
         projection_dim=_TEXT_HIDDEN, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=_MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
+        max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     return tokenizer, CLIPTextModel(config)
@@ -171,7 +174,7 @@ def build_tiny_base(path: str | Path, *, seed: int = 0, text_encoder: str = "ber
             from diffusers import DDPMScheduler, StableDiffusionPipeline
 
             torch.manual_seed(seed)
-            tokenizer, text_model = (_bert_parts if text_encoder == "bert" else _clip_parts)()
+            tokenizer, text_model = (_bert_parts if text_encoder == "bert" else _clip_parts)(MAX_LENGTHS[text_encoder])
             unet = _unet(text_model.config.hidden_size)
             vae = _vae()
             scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
