@@ -164,7 +164,7 @@ def measure(model: str, arch: str, stage: str, option: str, batch: int, args) ->
     system = EncoderSystem(base, cfg) if stage != "generate" else None
     load_peak = _vm_hwm_mb()
     reset_peak_memory(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if stage == "pretrain":
         optimizer = torch.optim.AdamW(system.encoder.parameters(), lr=1e-4)
         terms = system.training_terms(pixels, ["a photo of S*"], gen)
@@ -183,7 +183,7 @@ def measure(model: str, arch: str, stage: str, option: str, batch: int, args) ->
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _vm_hwm_mb()
-    return {"seconds": round(seconds, 2), "peak_mb": round(peak), "process_peak_mb": round(max(load_peak, _vm_hwm_mb())),
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(time.process_time() - cpu_start, 2), "peak_mb": round(peak), "process_peak_mb": round(max(load_peak, _vm_hwm_mb())),
             "finite": finite, "status": "measured"}
 
 
@@ -242,12 +242,17 @@ def _run_child(argv: list[str], limit_gb: float) -> dict:
     return json.loads(out[-1])
 
 
+def _read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def _table(rows: list[dict]) -> str:
-    lines = ["| stage | batch | base dtype | grad. ckpt | seconds | peak MB | process peak MB | status |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| stage | steps | batch | base dtype | grad. ckpt | seconds | CPU seconds | peak MB | process peak MB | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['stage']} | {r['batch']} | {r['option'].split('+')[0]} | "
+        lines.append(f"| {r['stage']} | {r['steps']} | {r['batch']} | {r['option'].split('+')[0]} | "
                      f"{'yes' if r['option'].endswith('+ckpt') else 'no'} | {r.get('seconds', '-')} | "
+                     f"{r.get('cpu_seconds', '-')} | "
                      f"{r.get('peak_mb', '-')} | {r.get('process_peak_mb', '-')} | "
                      f"{r['status']}{': ' + r['note'] if r.get('note') else ''} |")
     return "\n".join(lines) + "\n"
@@ -269,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--max-rss-gb", type=float, default=None,
                         help="kill a measurement past this RSS (default: available memory minus 2 GB)")
+    parser.add_argument("--report", action="store_true", help="rewrite table.md from every row of results.jsonl")
+    parser.add_argument("--build-only", action="store_true", help="write the model folder and stop")
     parser.add_argument("--in-process", action="store_true", help="measure in this process (tests; peaks not per phase)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -283,10 +290,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        table = _table(_read_rows(out / "results.jsonl"))
+        (out / "table.md").write_text(table)
+        print(table)
+        return 0
     model = args.model or str(build_model(out / "model", arch))
-    jobs = [(stage, option, batch) for stage in stages for option in args.options.split(",")
-            for batch in ([int(b) for b in args.batch_sizes.split(",")] if stage == "personalize" else [1])
-            if not (stage == "generate" and option.endswith("+ckpt"))]  # no backward in generation
+    if args.build_only:
+        return 0
+    jobs = []
+    for stage in stages:
+        for option in args.options.split(","):
+            if stage == "generate":
+                option = option.split("+")[0]  # no backward pass in generation: checkpointing is moot
+            for batch in [int(b) for b in args.batch_sizes.split(",")] if stage == "personalize" else [1]:
+                if (stage, option, batch) not in jobs:
+                    jobs.append((stage, option, batch))
     rows = []
     for stage, option, batch in jobs:
         row = {"stage": stage, "option": option, "batch": batch, "arch": arch, "threads": args.threads,
