@@ -18,9 +18,10 @@ from .attention import AdapterInputs
 from .base import BaseModel
 from .checkpoints import check_base
 from .concept import Concept
+from .config import check_seed
 from .errors import DatencoderError
 from .system import prepare_base
-from .tokens import fill_placeholder, inject_embeddings
+from .tokens import check_placeholder_kept, fill_placeholder, inject_embeddings
 
 __all__ = ["ConceptPipeline"]
 
@@ -63,6 +64,29 @@ class ConceptPipeline:
                                   f"got {sides[0]}x{sides[1]}")
         return sides
 
+    def check(self, prompts: str | list[str], num_images: int = 1, num_inference_steps: int = 25,
+              guidance_scale: float = 7.5, seed: int | None = None, height: int | None = None,
+              width: int | None = None, lora_scale: float = 1.0) -> None:
+        """Every argument error of a call, in one line, before any compute."""
+        if num_images < 1 or num_inference_steps < 1:
+            raise DatencoderError("num_images and num_inference_steps must be at least 1")
+        self.check_size(height, width)
+        if not math.isfinite(lora_scale):
+            raise DatencoderError(f"lora_scale must be a finite number, got {lora_scale}")
+        limit = self.pipe.scheduler.config.num_train_timesteps
+        if num_inference_steps > limit:
+            raise DatencoderError(f"{num_inference_steps} sampling steps exceed the scheduler's {limit} "
+                                  f"training timesteps; use at most {limit}")
+        if not math.isfinite(guidance_scale):
+            raise DatencoderError(f"the guidance scale must be a finite number, got {guidance_scale}")
+        if seed is not None:
+            check_seed(seed)
+        concept = self.concept
+        if concept is not None:
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            filled = [fill_placeholder(p, concept.placeholder, concept.token) for p in prompts]
+            check_placeholder_kept(self.base.tokenizer, filled, self.token_id, concept.placeholder)
+
     @torch.no_grad()
     def _states(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Soft and hard prompt states, [B, L, D] each (hard is None without a concept)."""
@@ -83,11 +107,9 @@ class ConceptPipeline:
                  width: int | None = None, lora_scale: float = 1.0) -> list[Image.Image] | torch.Tensor:
         """``lora_scale`` multiplies the concept's offset scale (0: the embedding alone, no offsets);
         ``height``/``width`` default to the base's resolution."""
-        if num_images < 1 or num_inference_steps < 1:
-            raise DatencoderError("num_images and num_inference_steps must be at least 1")
+        self.check(prompt, num_images, num_inference_steps, guidance_scale, seed if generator is None else None,
+                   height, width, lora_scale)
         height, width = self.check_size(height, width)
-        if not math.isfinite(lora_scale):
-            raise DatencoderError(f"lora_scale must be a finite number, got {lora_scale}")
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(seed)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
