@@ -36,7 +36,8 @@ if TYPE_CHECKING:  # diffusers/transformers import in seconds; load them only wh
     from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["BaseModel", "load_base", "base_fingerprint", "check_family", "DEFAULT_BASE", "SUPPORTED_PIPELINES"]
+__all__ = ["BaseModel", "load_base", "base_fingerprint", "check_family", "DEFAULT_BASE", "SUPPORTED_PIPELINES",
+           "DTYPES", "resolve_device", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,12 @@ _TEXT_CLASS_ALIASES = {
     "SiglipModel": "SiglipTextModel",
     "T5ForConditionalGeneration": "T5EncoderModel",
 }
+# Precision names used by configs and the command line -> torch dtypes.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# A weight file of a diffusers/transformers component, optionally sharded and/or of a variant
+# (diffusion_pytorch_model.fp16.safetensors, model-00001-of-00002.safetensors, ...).
+_WEIGHT_FILE = re.compile(r"^(?:diffusion_pytorch_model|model)(?:-\d{5}-of-\d{5})?(?:\.(?P<variant>[\w]+))?"
+                          r"(?:-\d{5}-of-\d{5})?\.(?:safetensors|bin)$")
 # Config entries that describe how/where a model was saved or loaded, not what it computes.
 _VOLATILE_KEYS = {"dtype", "torch_dtype", "transformers_version", "name_or_path"}
 
@@ -82,6 +89,14 @@ class BaseModel:
     def resolution(self) -> int:
         """Image side in pixels the UNet was built for."""
         return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
 
     def modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.vae, self.unet, self.text_encoder, self.image_tower) if m is not None]
@@ -148,6 +163,47 @@ def quiet_loading():
             lib.set_verbosity(verbosity)
             if bars:
                 lib.enable_progress_bar()
+
+
+def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    """'fp32' / 'bf16' / 'fp16' (or a torch dtype) -> torch dtype; None is fp32."""
+    if name is None:
+        return torch.float32
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise DatencoderError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str | torch.device | None = None) -> torch.device:
+    """A device name -> torch device; None or 'auto' is CUDA when available, else the CPU."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DatencoderError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DatencoderError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DatencoderError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _variant(folder: Path | str, requested: str | None, local: bool) -> str | None:
+    """The weight variant to load from ``folder``: the requested one where the folder has it, else
+    the plain weights; a folder holding only one variant (``*.fp16.safetensors``) loads that one."""
+    if not local:
+        return requested
+    folder = Path(folder)
+    found = {m.group("variant") for p in (folder.iterdir() if folder.is_dir() else [])
+             if (m := _WEIGHT_FILE.match(p.name))}
+    if requested in found or not found:
+        return requested
+    if None in found:
+        return None
+    return sorted(found)[0] if len(found) == 1 else requested
 
 
 def _first_line(err: BaseException, limit: int = 200) -> str:
@@ -277,7 +333,7 @@ def _kwargs(subfolder: str, revision: str | None) -> dict:
     return {"subfolder": subfolder, "revision": revision} if subfolder else {"revision": revision}
 
 
-def _load_text(root, spec: dict, revision, dtype):
+def _load_text(root, spec: dict, revision, dtype, variant=None, local=True):
     from transformers import AutoConfig, AutoTokenizer
 
     te_pkg = spec.get("text_encoder", {}).get("python_package")
@@ -289,7 +345,9 @@ def _load_text(root, spec: dict, revision, dtype):
     if "model_max_length" in tok_spec:
         tokenizer.model_max_length = int(tok_spec["model_max_length"])
     config = AutoConfig.from_pretrained(te_src, **_kwargs(te_sub, revision))
-    text_encoder = _text_encoder_class(config).from_pretrained(te_src, dtype=dtype, **_kwargs(te_sub, revision))
+    te_variant = None if te_pkg else _variant(Path(str(root)) / te_sub, variant, local)
+    text_encoder = _text_encoder_class(config).from_pretrained(te_src, dtype=dtype, variant=te_variant,
+                                                               **_kwargs(te_sub, revision))
     if not hasattr(text_encoder, "text_model") and hasattr(text_encoder, "get_text_features"):
         raise DatencoderError(f"text encoder {type(text_encoder).__name__} is a two-tower model; "
                               "save its text half (e.g. CLIPTextModel) under text_encoder/")
@@ -318,11 +376,12 @@ def _processor_stats(src: str, config) -> tuple[tuple, tuple, int]:
     return mean, std, size
 
 
-def _load_image_tower(src: str, revision, dtype):
+def _load_image_tower(src: str, revision, dtype, variant=None):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(src, revision=revision)
-    model = _vision_class(config).from_pretrained(src, revision=revision, dtype=dtype)
+    variant = _variant(src, variant, Path(src).is_dir())
+    model = _vision_class(config).from_pretrained(src, revision=revision, dtype=dtype, variant=variant)
     if hasattr(model, "vision_model") and hasattr(model, "text_model"):
         model = model.vision_model
     return model, _processor_stats(src, model.config)
@@ -381,11 +440,18 @@ def base_fingerprint(unet, text_encoder) -> str:
 
 def load_base(pretrained: str = DEFAULT_BASE, image_tower: str | None = None, *,
               revision: str | None = None, torch_dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu", with_image_tower: bool = True) -> BaseModel:
-    """Load a base model by name, folder or hub id; every failure is a one-line DatencoderError."""
+              device: str | torch.device = "cpu", with_image_tower: bool = True,
+              variant: str | None = None) -> BaseModel:
+    """Load a base model by name, folder or hub id; every failure is a one-line DatencoderError.
+
+    ``variant`` names the weight files to read (``"fp16"``: ``*.fp16.safetensors``), per component
+    where present; a component folder holding a single variant only is read as that variant.
+    ``torch_dtype`` is the dtype the frozen models are held in (a 'fp32'/'bf16'/'fp16' name works too).
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     name = str(pretrained)
+    torch_dtype = resolve_dtype(torch_dtype)
     root, local = _resolve(name)
     if local and name != DEFAULT_BASE:
         name = str(Path(root).resolve())  # recorded in artifacts: must not depend on the working directory
@@ -398,13 +464,16 @@ def load_base(pretrained: str = DEFAULT_BASE, image_tower: str | None = None, *,
             tower_src = str(Path(root) / "image_tower")
     with quiet_loading():
         try:
-            unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", revision=revision,
-                                                        torch_dtype=torch_dtype)
-            vae = AutoencoderKL.from_pretrained(root, subfolder="vae", revision=revision, torch_dtype=torch_dtype)
+            unet = UNet2DConditionModel.from_pretrained(
+                root, subfolder="unet", revision=revision, torch_dtype=torch_dtype,
+                variant=_variant(Path(str(root)) / "unet", variant, local))
+            vae = AutoencoderKL.from_pretrained(
+                root, subfolder="vae", revision=revision, torch_dtype=torch_dtype,
+                variant=_variant(Path(str(root)) / "vae", variant, local))
             # Training noise: DDPM with the model's own betas and prediction type, as diffusers'
             # training scripts do whatever sampler class the folder names.
             scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", revision=revision)
-            tokenizer, text_encoder = _load_text(root, spec, revision, torch_dtype)
+            tokenizer, text_encoder = _load_text(root, spec, revision, torch_dtype, variant, local)
         except DatencoderError:
             raise
         except Exception as err:  # loaders raise many types (OSError, ValueError, hub errors, ...)
@@ -412,7 +481,7 @@ def load_base(pretrained: str = DEFAULT_BASE, image_tower: str | None = None, *,
         mean, std, size, tower = _CLIP_MEAN, _CLIP_STD, 224, None
         if tower_src is not None:
             try:
-                tower, (mean, std, size) = _load_image_tower(tower_src, revision, torch_dtype)
+                tower, (mean, std, size) = _load_image_tower(tower_src, revision, torch_dtype, variant)
             except Exception as err:
                 raise DatencoderError(
                     f"could not load image tower '{tower_src}': {_first_line(err)}; pass a transformers "

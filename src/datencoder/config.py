@@ -59,6 +59,9 @@ class ModelConfig:
     image_tower: str | None = None
     """transformers vision model (folder or hub id); None uses ``<pretrained>/image_tower``."""
     revision: str | None = None
+    variant: str | None = None
+    """Weight-file variant to load (``fp16`` reads ``*.fp16.safetensors``); None: the plain weights,
+    or the only variant a component folder holds."""
     placeholder: str = "S*"
     """What users write in prompts for the personalised concept."""
     token: str = "<concept>"
@@ -177,7 +180,11 @@ class TrainConfig:
     """After the linear warm-up: 'constant' or 'cosine' (decays to 0 at ``steps``)."""
     weight_decay: float = 0.0
     mixed_precision: str = "no"
-    """'no', 'bf16' or 'fp16' (accelerate)."""
+    """'no', 'bf16' or 'fp16' (accelerate autocast; the encoder's weights and AdamW state stay fp32)."""
+    base_dtype: str = "fp32"
+    """Precision of the frozen base (VAE, UNet, text encoder, image tower): 'fp32', 'bf16' or 'fp16'."""
+    gradient_checkpointing: bool = False
+    """Recompute the UNet's activations in the backward pass (less memory, about a third more time)."""
     checkpoint_every: int = 200
     sample_every: int = 0
     """Steps between sample grids (0: never): encoder-only concepts of fixed training images."""
@@ -193,6 +200,8 @@ class TrainConfig:
             raise DatencoderError(
                 f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}"
             )
+        if self.base_dtype not in ("fp32", "bf16", "fp16"):
+            raise DatencoderError(f"train.base_dtype must be 'fp32', 'bf16' or 'fp16', got {self.base_dtype!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise DatencoderError(f"train.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         check_seed(self.seed, "train.seed")
@@ -212,6 +221,8 @@ class TuneConfig:
     tune_embedding / tune_lora then pick the embedding head / the hypernetwork."""
     lr_heads: float = 1e-4
     seed: int = 0
+    gradient_checkpointing: bool = False
+    """Recompute the UNet's activations in the backward pass (less memory at larger batches)."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:

@@ -439,8 +439,11 @@ PairCallback = Callable[[str, str, bool], None]
 
 
 def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
-                   on_pair: PairCallback | None = None, shard: tuple[int, int] | None = None) -> dict:
+                   on_pair: PairCallback | None = None, shard: tuple[int, int] | None = None,
+                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
     """Run every (method, target) pair not yet recorded; return {records, ran, skipped, targets}.
+
+    The base model runs on ``device`` with frozen weights in ``dtype``; the scorers stay on the CPU.
 
     Records go to one file per pair (``pair_file``; ``read_records(output_dir)`` reads them all),
     so several processes may share one folder when they run different ``methods`` or different
@@ -495,7 +498,7 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
 
     pending = [(m, t) for m in chosen for t in method_targets(m, targets) if (m.name, t.image) not in done]
     # models are loaded only when there is work: a finished evaluation re-renders its reports in seconds
-    base = load_base(cfg.base, cfg.image_tower) if pending else None
+    base = load_base(cfg.base, cfg.image_tower, torch_dtype=dtype, device=device) if pending else None
     scorers = _load_scorers(cfg) if pending else {}
     systems: dict = {}
     runs: dict = {}  # (kind, settings, target) -> OptimisationRun, for baselines that grow in steps
@@ -510,7 +513,7 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
                 continue
             image = load_image(target.image)
             pixels = image_to_tensor(image, base.resolution)  # [3, H, W] in [-1, 1]
-            reset_peak_memory()
+            reset_peak_memory(device)
             start = time.perf_counter()
             run = None
             if method.kind in ("textual_inversion", "dreambooth_lora"):

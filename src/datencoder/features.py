@@ -46,9 +46,10 @@ class FeatureExtractor:
                 f"base model '{base.name}' has no image tower; pass model.image_tower=PATH_OR_HUB_ID "
                 "(any transformers vision model, e.g. a CLIPVisionModel folder)"
             )
-        with torch.no_grad():
-            dummy = torch.zeros(1, 3, base.image_size, base.image_size, dtype=self._tower_dtype)
-            self.image_width = int(self.image(dummy * 0).shape[-1])
+        with torch.no_grad():  # the dry run's input lives where the tower does (CUDA, meta, ...)
+            tower = next(base.image_tower.parameters())
+            dummy = torch.zeros(1, 3, base.image_size, base.image_size, dtype=tower.dtype, device=tower.device)
+            self.image_width = int(self.image(dummy).shape[-1])
         self.denoiser_width = 0
         if cfg.use_denoiser_features:
             channels = list(base.unet.config.block_out_channels)
@@ -87,10 +88,11 @@ class FeatureExtractor:
         return torch.cat([_pool(hidden[i]).float() for i in self.cfg.tower_layers], dim=-1)
 
     def neutral_context(self, batch: int, device) -> Tensor:
-        if self._neutral is None:
+        """States of the neutral prompt [batch, L, D]: constant (frozen text encoder), so encoded once."""
+        if self._neutral is None or self._neutral.device != torch.device(device):
             with torch.no_grad():
                 ids = self.base.tokenize([self.cfg.neutral_prompt]).to(device)
-                self._neutral = self.base.encode_prompt(ids)
+                self._neutral = self.base.encode_prompt(ids).to(device)
         return self._neutral.expand(batch, -1, -1)
 
     @torch.no_grad()

@@ -36,9 +36,14 @@ class ConceptPipeline:
         self.concept = concept
         self.token_id = None
         base.freeze()
+        self.embedding = self.factors = None
         if concept is not None:
             check_base("the concept", concept.base, base)
             self.token_id = prepare_base(base, concept.token)
+            # moved to the base's device once; fp32 (the processors cast to the activations' dtype)
+            self.embedding = concept.embedding.to(base.device, torch.float32).unsqueeze(0)  # [1, D]
+            self.factors = {k: (A.to(base.device, torch.float32), B.to(base.device, torch.float32))
+                            for k, (A, B) in concept.batched_factors().items()}
         self.pipe = StableDiffusionPipeline(
             vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
             scheduler=SCHEDULERS[scheduler].from_config(base.scheduler.config), safety_checker=None,
@@ -46,11 +51,28 @@ class ConceptPipeline:
         )
         self.pipe.set_progress_bar_config(disable=True)
 
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's factor times the UNet's downsampling."""
+        return self.base.vae_scale_factor * 2 ** (len(self.base.unet.config.down_block_types) - 1)
+
+    def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """Validated (height, width); None means the base's resolution."""
+        m = self.size_multiple()
+        sides = tuple(self.base.resolution if side is None else int(side) for side in (height, width))
+        if any(side < m or side % m for side in sides):
+            raise DatencoderError(f"height and width must be positive multiples of {m} for this base model, "
+                                  f"got {sides[0]}x{sides[1]}")
+        return sides
+
     def check(self, prompts: str | list[str], num_images: int = 1, num_inference_steps: int = 25,
-              guidance_scale: float = 7.5, seed: int | None = None) -> None:
+              guidance_scale: float = 7.5, seed: int | None = None, height: int | None = None,
+              width: int | None = None, lora_scale: float = 1.0) -> None:
         """Every argument error of a call, in one line, before any compute."""
         if num_images < 1 or num_inference_steps < 1:
             raise DatencoderError("num_images and num_inference_steps must be at least 1")
+        self.check_size(height, width)
+        if not math.isfinite(lora_scale):
+            raise DatencoderError(f"lora_scale must be a finite number, got {lora_scale}")
         limit = self.pipe.scheduler.config.num_train_timesteps
         if num_inference_steps > limit:
             raise DatencoderError(f"{num_inference_steps} sampling steps exceed the scheduler's {limit} "
@@ -72,7 +94,7 @@ class ConceptPipeline:
         if concept is None:
             return self.base.encode_prompt(self.base.tokenize(prompts)), None
         soft_ids = self.base.tokenize([fill_placeholder(p, concept.placeholder, concept.token) for p in prompts])
-        with inject_embeddings(self.base.text_encoder, self.token_id, concept.embedding.unsqueeze(0)):
+        with inject_embeddings(self.base.text_encoder, self.token_id, self.embedding):
             soft = self.base.encode_prompt(soft_ids)
         hard = self.base.encode_prompt(self.base.tokenize(
             [p.replace(concept.placeholder, concept.hard_word) for p in prompts]))
@@ -81,8 +103,13 @@ class ConceptPipeline:
     def __call__(self, prompt: str | list[str], num_images: int = 4, num_inference_steps: int = 25,
                  guidance_scale: float = 7.5, negative_prompt: str = "", seed: int | None = 0,
                  generator: torch.Generator | None = None, dual_path: bool = True,
-                 output_type: str = "pil", callback=None) -> list[Image.Image] | torch.Tensor:
-        self.check(prompt, num_images, num_inference_steps, guidance_scale, seed if generator is None else None)
+                 output_type: str = "pil", callback=None, height: int | None = None,
+                 width: int | None = None, lora_scale: float = 1.0) -> list[Image.Image] | torch.Tensor:
+        """``lora_scale`` multiplies the concept's offset scale (0: the embedding alone, no offsets);
+        ``height``/``width`` default to the base's resolution."""
+        self.check(prompt, num_images, num_inference_steps, guidance_scale, seed if generator is None else None,
+                   height, width, lora_scale)
+        height, width = self.check_size(height, width)
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(seed)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -96,8 +123,9 @@ class ConceptPipeline:
             if use_dual and guidance_scale > 1:
                 hard = torch.cat([negative, hard])  # diffusers batches [uncond, cond]
             kwargs = {"adapter": AdapterInputs(
-                factors=concept.batched_factors(), hard_states=hard if use_dual else None,
-                blend_self=concept.blend_self, blend_cross=concept.blend_cross, scale=concept.scale)}
+                factors=self.factors, hard_states=hard if use_dual else None,
+                blend_self=concept.blend_self, blend_cross=concept.blend_cross,
+                scale=concept.scale * lora_scale)}
         step_cb = None
         if callback is not None:
             def step_cb(pipe, i, t, tensors):
@@ -105,8 +133,8 @@ class ConceptPipeline:
                 return tensors
         out = self.pipe(
             prompt_embeds=soft, negative_prompt_embeds=negative, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, generator=generator, height=self.base.resolution,
-            width=self.base.resolution, cross_attention_kwargs=kwargs, output_type=output_type,
+            guidance_scale=guidance_scale, generator=generator, height=height,
+            width=width, cross_attention_kwargs=kwargs, output_type=output_type,
             callback_on_step_end=step_cb,
         )
         return out.images

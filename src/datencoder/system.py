@@ -69,8 +69,14 @@ class EncoderSystem:
                 cfg.encoder, self.features.width, self.vocab_table.shape[1],
                 target_layer_shapes(base.unet, cfg.encoder), init_embedding=self.vocab_table.mean(0),
             )
-        self.encoder = encoder
+        # the encoder and its heads follow the base's device but stay fp32 (trainable; autocast may
+        # run their matmuls in half precision, their weights and optimizer state stay fp32)
+        self.encoder = encoder.to(device=self.device)
         self.objective = Objective(base, cfg, self.token_id, self.vocab_ids, self.vocab_table)
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
 
     # -- building blocks ------------------------------------------------------------------
     @torch.no_grad()
@@ -133,9 +139,10 @@ class EncoderSystem:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, base: BaseModel | None = None, overrides: dict | None = None) -> "EncoderSystem":
+    def load(cls, directory: str | Path, base: BaseModel | None = None, overrides: dict | None = None, *,
+             device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> "EncoderSystem":
         """Load a saved encoder (a folder, or the shipped encoder's name); the base model is loaded
-        from its config unless given."""
+        from its config (on ``device``, frozen weights in ``dtype``, default fp32) unless given."""
         directory = resolve_encoder(directory)
         meta = read_json(directory / f"{KIND}.json", KIND)
         state = load_tensors(directory / f"{KIND}.safetensors", KIND)
@@ -144,7 +151,8 @@ class EncoderSystem:
             cfg_data[section] = {**cfg_data.get(section, {}), **values}
         cfg = from_dict(Config, cfg_data)
         if base is None:
-            base = load_base(cfg.model.pretrained, cfg.model.image_tower, revision=cfg.model.revision)
+            base = load_base(cfg.model.pretrained, cfg.model.image_tower, revision=cfg.model.revision,
+                             variant=cfg.model.variant, torch_dtype=dtype, device=device)
         check_base(f"encoder {directory}", meta["base"], base)
         system = cls(base, cfg)
         missing, unexpected = system.encoder.load_state_dict(state, strict=False)

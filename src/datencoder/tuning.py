@@ -13,7 +13,8 @@ import copy
 import logging
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -39,10 +40,35 @@ def peak_memory_mb(device: torch.device | str = "cpu") -> float:
 
 def personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig | None = None,
                 callback: StepCallback | None = None, info: dict | None = None) -> Concept:
-    """pixels: [3, H, W] in [-1, 1] at the base resolution -> a concept artifact."""
+    """pixels: [3, H, W] in [-1, 1] at the base resolution -> a concept artifact.
+
+    Runs on the system's device; the tuned tensors (v, A, B) are fp32 whatever the base's dtype.
+    Randomness comes from one CPU generator, so a seed gives the same draws on every device.
+    """
     cfg = system.cfg
     tune = tune or cfg.tune
     gen = torch.Generator().manual_seed(tune.seed)
+    pixels = pixels.to(system.device, torch.float32)
+    with _gradient_checkpointing(system.base.unet, tune.gradient_checkpointing):
+        return _personalize(system, pixels, tune, gen, callback, info)
+
+
+@contextmanager
+def _gradient_checkpointing(unet, enabled: bool) -> Iterator[None]:
+    """Switch diffusers' activation checkpointing on for the block, then restore the previous state."""
+    was = unet.is_gradient_checkpointing
+    if enabled and not was:
+        unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if enabled and not was:
+            unet.disable_gradient_checkpointing()
+
+
+def _personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig, gen: torch.Generator,
+                 callback: StepCallback | None, info: dict | None) -> Concept:
+    cfg = system.cfg
     start = time.perf_counter()
     features = system.predict_features(pixels.unsqueeze(0), gen)
     heads, h = None, None
@@ -107,8 +133,8 @@ def personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig | None =
              timings["tuning_s"], hard_word)
     dp = cfg.dual_path
     return Concept(
-        embedding=embedding.detach()[0].clone(),
-        factors={k: (A.detach()[0].clone(), B.detach()[0].clone()) for k, (A, B) in factors.items()},
+        embedding=embedding.detach()[0].cpu().clone(),
+        factors={k: (A.detach()[0].cpu().clone(), B.detach()[0].cpu().clone()) for k, (A, B) in factors.items()},
         hard_word=hard_word, placeholder=cfg.model.placeholder, token=cfg.model.token,
         blend_self=dp.blend_self if dp.enabled else 1.0, blend_cross=dp.blend_cross if dp.enabled else 1.0,
         scale=cfg.encoder.lora_scale, base={"name": system.base.name, "fingerprint": system.base.fingerprint},

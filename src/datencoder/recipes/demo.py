@@ -21,6 +21,7 @@ from ..checkpoints import check_output
 from ..config import check_seed
 from ..system import DEFAULT_ENCODER, DEFAULT_ENCODER_DIR, EncoderSystem
 from ..tuning import peak_memory_mb, personalize
+from .options import add_device_arguments, device_options
 
 log = logging.getLogger("datencoder.demo")
 
@@ -47,6 +48,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="demo.png", help="grid PNG to write (default demo.png)")
+    add_device_arguments(parser, variant=False)
 
 
 def _resolve_image(name: str) -> Path:
@@ -71,10 +73,11 @@ def run(args) -> int:
         raise DatencoderError(
             f"no encoder at {encoder_dir}: the embedded encoder is not installed in this version; "
             "train one with 'datencoder pretrain configs/minisd_encoder.yaml' and pass --encoder OUTPUT/encoder")
+    device, dtype = device_options(args)
     timings = {}
     start = time.perf_counter()
     image = load_image(_resolve_image(args.image))
-    system = EncoderSystem.load(encoder_dir)
+    system = EncoderSystem.load(encoder_dir, device=device, dtype=dtype)
     system.cfg.tune.seed = args.seed
     pixels = image_to_tensor(image, system.base.resolution)
     timings["load"] = time.perf_counter() - start
@@ -110,6 +113,6 @@ def run(args) -> int:
     save_image_atomic(grid, args.out)
     timings["total"] = time.perf_counter() - start
     print(f"nearest word: {encoder_only.hard_word!r} (encoder) -> {tuned.hard_word!r} (tuned)")
-    print("  ".join(f"{k} {v:.1f}s" for k, v in timings.items()) + f"  peak memory {peak_memory_mb():.0f} MB")
+    print("  ".join(f"{k} {v:.1f}s" for k, v in timings.items()) + f"  peak memory {peak_memory_mb(device):.0f} MB")
     print(f"wrote {args.out}")
     return 0

@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .options import add_device_arguments, device_options
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG", help="evaluation YAML (a path or a shipped name: eval_minisd)")
@@ -22,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard", default=None, metavar="K/N",
                         help="run only the targets whose index modulo N is K (0 <= K < N); processes with "
                              "different shards may share one output folder")
+    add_device_arguments(parser, variant=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from ..image_io import save_image_atomic
 
     cfg = load_config(args.config, args.overrides, cls=EvalConfig)
+    device_options(args)  # a missing CUDA fails before the targets are scanned
     names = [n.strip() for n in args.methods.split(",")] if args.methods else None
     shard = parse_shard(args.shard) if args.shard else None
     targets = select_targets(cfg.targets, shard)
@@ -44,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix(method=method)
             bar.update(1)
 
-        result = run_evaluation(cfg, names, on_pair, shard)
+        result = run_evaluation(cfg, names, on_pair, shard, *device_options(args))
     out = Path(cfg.output_dir)
     records = read_records(out)  # every method's file, also those other processes wrote
     # reports list reference rows (benchmarks/eval_reference.py) first, then the config's order

@@ -17,6 +17,8 @@ import re
 import time
 from pathlib import Path
 
+from .options import add_device_arguments, device_options
+
 DEFAULT_BASE = "minisd-emoji"
 
 
@@ -34,6 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", default="ddim", help="ddim, dpm or euler (default ddim)")
     parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default ./outputs/<prompt slug>)")
     parser.add_argument("--no-dual-path", action="store_true", help="sample single path (a = 1)")
+    parser.add_argument("--negative-prompt", default="", metavar="TEXT",
+                        help="what the images should not show (classifier-free guidance's unconditional prompt)")
+    parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: the base's resolution)")
+    parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: the base's resolution)")
+    parser.add_argument("--lora-scale", type=float, default=1.0, metavar="S",
+                        help="multiplies the concept's offset scale (default 1; 0 = embedding only)")
+    add_device_arguments(parser)
 
 
 def slug(text: str, limit: int = 60) -> str:
@@ -99,11 +108,17 @@ def run(args: argparse.Namespace) -> int:
         if concept.placeholder not in prompt:
             raise DatencoderError(f"the prompt {prompt!r} does not contain the concept's placeholder "
                                   f"{concept.placeholder}; write e.g. \"a photo of {concept.placeholder}\"")
+    if not math.isfinite(args.lora_scale):
+        raise DatencoderError(f"--lora-scale must be a finite number, got {args.lora_scale}")
+    device, dtype = device_options(args)
     base_name = args.base or (concept.base.get("name") if concept is not None else None) or DEFAULT_BASE
+    variant = args.variant or (concept.config.get("model", {}).get("variant") if concept is not None else None)
     t0 = time.perf_counter()
-    base = load_base(base_name, with_image_tower=False)
+    base = load_base(base_name, with_image_tower=False, torch_dtype=dtype, device=device, variant=variant)
     pipe = ConceptPipeline(base, concept, args.scheduler)  # refuses a concept made for another base
-    pipe.check(prompt, args.num_images, args.steps, args.guidance, args.seed)  # --steps 5000, a cut S*
+    pipe.check(prompt, args.num_images, args.steps, args.guidance, args.seed,  # --steps 5000, a cut S*
+               args.height, args.width, args.lora_scale)
+    height, width = pipe.check_size(args.height, args.width)
     load_s = time.perf_counter() - t0
 
     for path in stale:
@@ -112,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         "prompt": prompt, "concept": concept_dir, "base": {"name": base.name, "fingerprint": base.fingerprint},
         "num_images": args.num_images, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
         "scheduler": args.scheduler, "dual_path": concept is not None and not args.no_dual_path,
+        "negative_prompt": args.negative_prompt, "height": height, "width": width,
+        "lora_scale": args.lora_scale, "device": str(device), "dtype": args.dtype, "variant": variant,
     }
     write_json_atomic(out / "generation.json", {**settings, "complete": False})  # marks the folder as ours
     # One generator for all batches: the noise stream continues, so the images do not depend on
@@ -124,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
             count = min(args.batch_size, args.num_images - first)
             images = pipe(prompt, num_images=count, num_inference_steps=args.steps, guidance_scale=args.guidance,
                           seed=None, generator=generator, dual_path=not args.no_dual_path,
-                          callback=lambda i, total: bar.update(1))
+                          negative_prompt=args.negative_prompt, height=height, width=width,
+                          lora_scale=args.lora_scale, callback=lambda i, total: bar.update(1))
             for i, image in enumerate(images, first):
                 save_image_atomic(image, out / f"{i:03d}.png")
             grid_images += images[: max(0, GRID_MAX - len(grid_images))]

@@ -13,6 +13,8 @@ import argparse
 import time
 from pathlib import Path
 
+from .options import add_device_arguments, device_options
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", metavar="IMAGE", help="the one image of the concept (PNG, JPEG, WebP)")
@@ -26,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default=None, metavar="PATH_OR_ID",
                         help="base model (default: the one the encoder was trained on)")
     parser.add_argument("--no-dual-path", action="store_true", help="tune single path (a = 1)")
+    add_device_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="overrides of the encoder's config, right after IMAGE, e.g. tune.lr_lora=3e-3")
 
@@ -45,6 +48,8 @@ def _overrides(args: argparse.Namespace) -> dict:
         tune["steps"] = args.steps
     if args.no_dual_path:
         data.setdefault("dual_path", {})["enabled"] = False
+    if args.variant is not None:
+        data.setdefault("model", {})["variant"] = args.variant
     from_dict(Config, data)  # unknown keys, wrong types, --steps -1, --seed 2**63: one-line errors up front
     return data
 
@@ -70,14 +75,15 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = _overrides(args)
     _check_out(args)
+    device, dtype = device_options(args)
     t0 = time.perf_counter()
     image = load_image(args.image)
     encoder_dir = resolve_encoder(args.encoder)
     base = None
     if args.base is not None:
         tower = read_json(encoder_dir / "encoder.json", "encoder").get("config", {}).get("model", {}).get("image_tower")
-        base = load_base(args.base, tower)
-    system = EncoderSystem.load(encoder_dir, base, overrides)
+        base = load_base(args.base, tower, torch_dtype=dtype, device=device, variant=args.variant)
+    system = EncoderSystem.load(encoder_dir, base, overrides, device=device, dtype=dtype)
     pixels = image_to_tensor(image, system.base.resolution)  # [3, H, W] in [-1, 1]
     load_s = time.perf_counter() - t0
 
@@ -94,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     save_s = time.perf_counter() - t1
 
     info = concept.info
-    print(f"load      {load_s:7.2f} s  (image, base model '{system.base.name}', encoder)")
+    print(f"load      {load_s:7.2f} s  (image, base model '{system.base.name}' on {device} in {args.dtype}, encoder)")
     print(f"encoder   {info['encoder_s']:7.2f} s  (prediction)")
     print(f"tuning    {info['tuning_s']:7.2f} s  ({steps} steps, dual path {'on' if system.cfg.dual_path.enabled else 'off'})")
     print(f"save      {save_s:7.2f} s")

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..base import DEFAULT_BASE, load_base
+from ..base import DEFAULT_BASE, load_base, resolve_device
 from ..checkpoints import check_output, load_tensors, read_json, save_tensors_atomic, write_json_atomic
 from ..config import Config, TrainConfig, load_config, to_dict
 from ..data.folder import ImageFolderDataset
@@ -242,7 +242,7 @@ def _trim_log(path: Path, step: int) -> None:
         os.replace(tmp, path)
 
 
-def _accelerator(tc: TrainConfig):
+def _accelerator(tc: TrainConfig, cpu: bool = False):
     """The Accelerator, refusing a launch whose processes would each train alone.
 
     ``accelerate launch --multi_gpu --num_processes N`` without N GPUs starts N processes that each
@@ -251,7 +251,8 @@ def _accelerator(tc: TrainConfig):
     from accelerate import Accelerator
 
     try:
-        accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum)
+        accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
+                                  cpu=cpu)
     except (ValueError, RuntimeError) as err:  # e.g. WORLD_SIZE set without MASTER_ADDR
         line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise DatencoderError(f"could not start the distributed run ({line}); {_LAUNCH_HINT}") from None
@@ -268,8 +269,12 @@ _LAUNCH_HINT = ("on N GPUs use 'accelerate launch --multi_gpu --num_processes N'
                 "'ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N' (docs/commands.md)")
 
 
-def train(cfg: Config, resume: bool = False, max_steps: int | None = None) -> TrainResult:
-    """Pre-train (or continue) the encoder described by ``cfg``; returns the run's summary."""
+def train(cfg: Config, resume: bool = False, max_steps: int | None = None,
+          device: str | None = None) -> TrainResult:
+    """Pre-train (or continue) the encoder described by ``cfg``; returns the run's summary.
+
+    ``device`` "cpu" forces the CPU; otherwise accelerate places each process (CUDA when present).
+    """
     from accelerate.utils import set_seed
 
     tc = cfg.train
@@ -292,15 +297,17 @@ def train(cfg: Config, resume: bool = False, max_steps: int | None = None) -> Tr
         if value and value != DEFAULT_BASE and Path(value).expanduser().is_dir():
             setattr(cfg.model, key, str(Path(value).expanduser().resolve()))
 
-    accelerator = _accelerator(tc)
+    accelerator = _accelerator(tc, cpu=device is not None and torch.device(device).type == "cpu")
     set_seed(tc.seed)  # encoder initialisation
     d = cfg.data  # scanned first: a bad data path fails before a large model is loaded
     dataset = ImageFolderDataset(d.root, d.resolution, d.templates, d.extensions, d.manifest, d.splits,
                                  d.use_source, d.hflip, d.scale_min, d.categories)
-    # The frozen base stays fp32: autocast runs its matmuls in bf16/fp16, the encoder's master
-    # weights and AdamW state stay fp32.
+    # The frozen base is held in train.base_dtype (bf16/fp16 halves its memory); autocast runs the
+    # matmuls in train.mixed_precision; the encoder's master weights and AdamW state stay fp32.
     base = load_base(cfg.model.pretrained, cfg.model.image_tower, revision=cfg.model.revision,
-                     device=accelerator.device)
+                     variant=cfg.model.variant, torch_dtype=tc.base_dtype, device=accelerator.device)
+    if tc.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
     dataset.resolution = d.resolution or base.resolution
     system = EncoderSystem(base, cfg)
     optimizer = torch.optim.AdamW(system.encoder.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -404,13 +411,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue exactly from OUTPUT/checkpoint")
     parser.add_argument("--max-steps", type=int, default=None, metavar="N",
                         help="stop after N steps in this invocation (checkpointed; the LR schedule still spans train.steps)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto (default): accelerate's device per process, CUDA when present; cpu forces the CPU")
+    parser.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
+                        help="precision of the frozen base (sets train.base_dtype; default: the config's, fp32)")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"train.base_dtype={args.dtype}"] if args.dtype else [])
+    cfg = load_config(args.config, overrides)
     if args.max_steps is not None and args.max_steps < 1:
         raise DatencoderError(f"--max-steps must be >= 1, got {args.max_steps}")
-    result = train(cfg, resume=args.resume, max_steps=args.max_steps)
+    if args.device == "cuda":
+        resolve_device(args.device)  # a missing CUDA is a one-line error
+    result = train(cfg, resume=args.resume, max_steps=args.max_steps,
+                   device=None if args.device == "auto" else args.device)
     if result.is_main:
         print(f"pretrain: step {result.step}/{cfg.train.steps} ({result.steps_this_run} this run), "
               f"{result.seconds_per_step:.3f} s/step, final loss {result.final_loss:.4f}, "

@@ -1,0 +1,332 @@
+"""Cost at real size: seconds and peak memory of each stage on a random SD 1.5-architecture model.
+
+Builds (once, into OUT/model) a diffusers-layout folder with randomly initialised weights and the
+real architectures -- SD 1.5's UNet (block_out_channels 320/640/1280/1280, cross-attention 768,
+860 M parameters), its VAE, a CLIP ViT-L/14 text encoder (768 wide, 12 layers, 77 tokens) and a
+CLIP ViT-L/14 vision tower (1024 wide, 24 layers, 224 px) -- nothing is downloaded. The tokenizer
+is a byte-level BPE learned here on real and pseudo words, with the real length (77) and
+vocabulary size (49,408 when the learned merges reach it; the JSON records the size reached).
+The encoder follows configs/sd15.yaml.
+
+Stages, each measured in a fresh subprocess (so every peak belongs to one phase):
+  pretrain     one pre-training step (encoder forward, diffusion loss, backward, AdamW) at the
+               base resolution (512 px), batch 1
+  personalize  the encoder's prediction plus --tune-steps tuning steps, dual path on, per
+               --batch-sizes (tune.batch_size)
+  generate     --sample-steps DDIM steps, one image, guidance 7.5, dual path on
+each with every --options entry: fp32, bf16, fp16, optionally "+ckpt" (gradient checkpointing).
+Peak memory: on the CPU the process's resident-set high-water mark (VmHWM) after the models are
+loaded and the counter reset ("peak") and over the whole process ("process peak", with loading);
+on CUDA torch.cuda.max_memory_allocated after reset_peak_memory_stats. A child whose RSS passes
+--max-rss-gb is killed and its row reads "not measured".
+
+    python benchmarks/scale.py --out runs/scale --stages pretrain --options fp32,bf16+ckpt
+    python benchmarks/scale.py --quick --out /tmp/scale           # tiny shapes, seconds (tests)
+
+TODO(SDXL): an SDXL-architecture row (UNet 2.6 B, two text encoders) waits for SDXL support in
+the library (issue 9, part 3); add an "sdxl" entry to ARCHS when load_base accepts SDXL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+STAGES = ("pretrain", "personalize", "generate")
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# Architectures: SD 1.5 (the configs of stable-diffusion-v1-5 and openai/clip-vit-large-patch14),
+# and "quick", the same block structure at tiny widths for tests.
+ARCHS = {
+    "sd15": {
+        "unet": dict(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+                     cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32),
+        "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512,
+                    norm_num_groups=32),
+        "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                     projection_dim=768, hidden_act="quick_gelu"),
+        "tower": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                      image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu"),
+        "vocab": 49408, "config": "sd15", "encoder": [],
+    },
+    "quick": {
+        "unet": dict(sample_size=8, layers_per_block=1, block_out_channels=(8, 16, 16, 16),
+                     cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4),
+        "vae": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, sample_size=64, norm_num_groups=4),
+        "text": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     projection_dim=16, hidden_act="quick_gelu"),
+        "tower": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      image_size=32, patch_size=8, projection_dim=16, hidden_act="quick_gelu"),
+        "vocab": 2000, "config": "tiny", "encoder": ["encoder.tower_layers=[-1,-2]"],
+    },
+}
+
+
+# -- the model folder -------------------------------------------------------------------------
+def _tokenizer(vocab_size: int):
+    """Byte-level BPE in CLIP's format (word</w> tokens), learned on real and pseudo words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    from datencoder.testing import TINY_WORDS
+
+    rng = random.Random(0)
+    pseudo = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
+              for _ in range(vocab_size)]
+    chars = [chr(c) for c in range(33, 127)]
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token=EOS))
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(chars), min_frequency=1, show_progress=False,
+                                  initial_alphabet=chars, end_of_word_suffix="</w>", special_tokens=[BOS, EOS])
+    bpe.train_from_iterator([" ".join([*TINY_WORDS, *pseudo])], trainer=trainer)
+    learned = json.loads(bpe.to_str())["model"]
+    vocab = list(dict.fromkeys([*sorted(learned["vocab"], key=learned["vocab"].get), *chars,
+                                *(c + "</w>" for c in chars)]))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=77)
+
+
+def build_model(root: Path, arch: str) -> Path:
+    """Write the random model folder (diffusers layout plus image_tower/); skipped when present."""
+    if (root / "model_index.json").is_file():
+        return root
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+
+    spec = ARCHS[arch]
+    torch.manual_seed(0)
+    tokenizer = _tokenizer(spec["vocab"])
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77,
+                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                        pad_token_id=tokenizer.pad_token_id, **spec["text"]))
+    unet = UNet2DConditionModel(
+        in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, **spec["unet"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215, **spec["vae"])
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
+                              steps_offset=1)
+    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                            ).save_pretrained(root, safe_serialization=True)
+    del unet, vae, text
+    tower = CLIPVisionModel(CLIPVisionConfig(**spec["tower"]))
+    tower.save_pretrained(root / "image_tower")
+    size = spec["tower"]["image_size"]
+    (root / "image_tower" / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "crop_size": {"height": size, "width": size},
+        "size": {"shortest_edge": size}, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+    return root
+
+
+# -- one measurement (runs in its own process) --------------------------------------------------
+def _vm_hwm_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(model: str, arch: str, stage: str, option: str, batch: int, args) -> dict:
+    import torch
+
+    from datencoder.base import load_base, resolve_device
+    from datencoder.config import load_config
+    from datencoder.evaluation import reset_peak_memory
+    from datencoder.system import EncoderSystem
+
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = option.split("+")[0]
+    ckpt = option.endswith("+ckpt")
+    cfg = load_config(ARCHS[arch]["config"], [f"model.pretrained={model}", "model.image_tower=null",
+                                              *ARCHS[arch]["encoder"]])
+    base = load_base(model, torch_dtype=dtype, device=device, with_image_tower=stage != "generate")
+    if ckpt:
+        base.unet.enable_gradient_checkpointing()
+    gen = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(1, 3, base.resolution, base.resolution, generator=gen) * 2 - 1).to(device)
+    system = EncoderSystem(base, cfg) if stage != "generate" else None
+    load_peak = _vm_hwm_mb()
+    reset_peak_memory(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    if stage == "pretrain":
+        optimizer = torch.optim.AdamW(system.encoder.parameters(), lr=1e-4)
+        terms = system.training_terms(pixels, ["a photo of S*"], gen)
+        sum(terms.values()).backward()
+        optimizer.step()
+        finite = all(bool(torch.isfinite(v)) for v in terms.values())
+    elif stage == "personalize":
+        from datencoder.tuning import personalize
+
+        tune = dataclasses.replace(cfg.tune, steps=args.tune_steps, batch_size=batch, gradient_checkpointing=ckpt)
+        concept = personalize(system, pixels[0], tune)
+        finite = bool(torch.isfinite(concept.embedding).all())
+    else:
+        finite = _generate(base, cfg, args.sample_steps)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _vm_hwm_mb()
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(time.process_time() - cpu_start, 2), "peak_mb": round(peak), "process_peak_mb": round(max(load_peak, _vm_hwm_mb())),
+            "finite": finite, "status": "measured"}
+
+
+def _generate(base, cfg, steps: int) -> bool:
+    """25-step dual-path generation with a concept of random factors of the encoder's shapes."""
+    import torch
+
+    from datencoder.concept import Concept
+    from datencoder.encoder import target_layer_shapes
+    from datencoder.pipeline import ConceptPipeline
+
+    gen = torch.Generator().manual_seed(1)
+    factors = {name: (0.01 * torch.randn(cfg.encoder.rank, fan_in, generator=gen),
+                      0.01 * torch.randn(fan_out, cfg.encoder.rank, generator=gen))
+               for name, (fan_in, fan_out) in target_layer_shapes(base.unet, cfg.encoder).items()}
+    width = base.text_encoder.get_input_embeddings().weight.shape[1]
+    concept = Concept(embedding=0.01 * torch.randn(width, generator=gen), factors=factors, hard_word="dog",
+                      base={"name": base.name, "fingerprint": base.fingerprint})
+    images = ConceptPipeline(base, concept)("a photo of S* on the beach", num_images=1,
+                                            num_inference_steps=steps, guidance_scale=7.5, output_type="pt")
+    return bool(torch.isfinite(images.float()).all())
+
+
+# -- the driver -------------------------------------------------------------------------------
+def _mem_available_gb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return float("inf")
+
+
+def _rss_gb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+def _run_child(argv: list[str], limit_gb: float) -> dict:
+    """One measurement in a fresh interpreter, killed if its RSS passes ``limit_gb``."""
+    child = subprocess.Popen([sys.executable, __file__, *argv], stdout=subprocess.PIPE, text=True)
+    worst = 0.0
+    while child.poll() is None:
+        worst = max(worst, _rss_gb(child.pid))
+        if worst > limit_gb:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            return {"status": "not measured", "note": f"RSS passed the {limit_gb:.1f} GB limit (killed)"}
+        time.sleep(0.2)
+    out = child.stdout.read().strip().splitlines()
+    if child.returncode != 0 or not out:
+        return {"status": "not measured", "note": f"child exited with status {child.returncode}"}
+    return json.loads(out[-1])
+
+
+def _read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| stage | steps | batch | base dtype | grad. ckpt | seconds | CPU seconds | peak MB | process peak MB | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {r['steps']} | {r['batch']} | {r['option'].split('+')[0]} | "
+                     f"{'yes' if r['option'].endswith('+ckpt') else 'no'} | {r.get('seconds', '-')} | "
+                     f"{r.get('cpu_seconds', '-')} | "
+                     f"{r.get('peak_mb', '-')} | {r.get('process_peak_mb', '-')} | "
+                     f"{r['status']}{': ' + r['note'] if r.get('note') else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for model/, results.jsonl and table.md")
+    parser.add_argument("--model", default=None, help="an existing model folder (default: build OUT/model)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes with the same structure (tests)")
+    parser.add_argument("--stages", default="all", help=f"comma list of {', '.join(STAGES)}, or all")
+    parser.add_argument("--options", default="fp32,bf16+ckpt",
+                        help="comma list of base precisions (fp32, bf16, fp16), each optionally +ckpt")
+    parser.add_argument("--batch-sizes", default="1,4", help="tune.batch_size values of personalize")
+    parser.add_argument("--tune-steps", type=int, default=12)
+    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    parser.add_argument("--max-rss-gb", type=float, default=None,
+                        help="kill a measurement past this RSS (default: available memory minus 2 GB)")
+    parser.add_argument("--report", action="store_true", help="rewrite table.md from every row of results.jsonl")
+    parser.add_argument("--build-only", action="store_true", help="write the model folder and stop")
+    parser.add_argument("--in-process", action="store_true", help="measure in this process (tests; peaks not per phase)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    arch = "quick" if args.quick else "sd15"
+    if args.child:  # a measurement subprocess: print one JSON line
+        job = json.loads(args.child)
+        print(json.dumps(measure(job["model"], arch, job["stage"], job["option"], job["batch"], args)))
+        return 0
+    stages = STAGES if args.stages == "all" else tuple(s.strip() for s in args.stages.split(","))
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        parser.error(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        table = _table(_read_rows(out / "results.jsonl"))
+        (out / "table.md").write_text(table)
+        print(table)
+        return 0
+    model = args.model or str(build_model(out / "model", arch))
+    if args.build_only:
+        return 0
+    jobs = []
+    for stage in stages:
+        for option in args.options.split(","):
+            if stage == "generate":
+                option = option.split("+")[0]  # no backward pass in generation: checkpointing is moot
+            for batch in [int(b) for b in args.batch_sizes.split(",")] if stage == "personalize" else [1]:
+                if (stage, option, batch) not in jobs:
+                    jobs.append((stage, option, batch))
+    rows = []
+    for stage, option, batch in jobs:
+        row = {"stage": stage, "option": option, "batch": batch, "arch": arch, "threads": args.threads,
+               "steps": {"personalize": args.tune_steps, "generate": args.sample_steps}.get(stage, 1),
+               "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
+        print(f"{stage} {option} batch {batch} ...", file=sys.stderr, flush=True)
+        if args.in_process:
+            row.update(measure(model, arch, stage, option, batch, args))
+        else:
+            limit = args.max_rss_gb or _mem_available_gb() - 2.0
+            job = json.dumps({"model": model, "stage": stage, "option": option, "batch": batch})
+            child = ["--child", job, "--out", str(out), "--device", args.device, "--threads", str(args.threads),
+                     "--tune-steps", str(args.tune_steps), "--sample-steps", str(args.sample_steps)]
+            row.update(_run_child(child + (["--quick"] if args.quick else []), limit))
+        rows.append(row)
+        with (out / "results.jsonl").open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+    (out / "table.md").write_text(_table(rows))
+    print(_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
