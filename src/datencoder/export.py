@@ -6,6 +6,11 @@ metadata), so ``pipe.load_lora_weights(folder)`` reads it back; the embedding of
 ``learned_embeds.safetensors`` holding ``{token: [D]}``, the layout ``pipe.load_textual_inversion``
 reads.
 
+SDXL concepts (two text encoders) are written by ``StableDiffusionXLPipeline.save_lora_weights``
+and the embedding in the layout SDXL embeddings are shared in (AUTOMATIC1111, ComfyUI, diffusers'
+documentation): ``{"clip_l": [1, D1], "clip_g": [1, D2]}``, one ``load_textual_inversion`` call per
+text encoder.
+
 The export is *single path* (``a = 1``): stock diffusers has no way to blend a second, vanilla
 attention pass with a hard prompt, so the dual-path blend of the concept (METHOD.md, "Dual path")
 is dropped. Generation from the export equals ``ConceptPipeline(..., dual_path=False)``.
@@ -53,19 +58,49 @@ def _lora_state_and_metadata(concept: Concept) -> tuple[dict, dict]:
     return state, config.to_dict()
 
 
+def _is_sdxl(concept: Concept) -> bool:
+    if len(concept.token_dims) > 2:
+        raise DatencoderError(f"the concept has {len(concept.token_dims)} text-encoder embeddings; "
+                              "export knows one (SD 1.x/2.x) or two (SDXL)")
+    return len(concept.token_dims) == 2
+
+
+def _embedding_tensors(concept: Concept) -> dict:
+    parts = [p.detach().float().contiguous().cpu() for p in concept.embedding_parts()]
+    if _is_sdxl(concept):
+        return {"clip_l": parts[0].unsqueeze(0), "clip_g": parts[1].unsqueeze(0)}  # [1, D1], [1, D2]
+    return {concept.token: parts[0]}  # [D]
+
+
 def _readme(concept: Concept, has_lora: bool) -> str:
     base, token = concept.base.get("name", "?"), concept.token
-    files = [f"  {EMBEDDING_FILE}: textual-inversion embedding of the token {token}"]
-    code = [
-        "    from diffusers import StableDiffusionPipeline",
-        f"    pipe = StableDiffusionPipeline.from_pretrained({base!r}, safety_checker=None)",
-        "    folder = '<this folder>'",
-        f"    pipe.load_textual_inversion(folder, token={token!r})",
-        f"    image = pipe('a photo of {token}').images[0]",
-    ]
+    sdxl = _is_sdxl(concept)
+    layout = "clip_l/clip_g (one vector per text encoder)" if sdxl else "diffusers"
+    files = [f"  {EMBEDDING_FILE}: textual-inversion embedding of the token {token}, {layout} layout"]
+    if sdxl:
+        code = [
+            "    from diffusers import StableDiffusionXLPipeline",
+            "    from safetensors.torch import load_file",
+            f"    pipe = StableDiffusionXLPipeline.from_pretrained({base!r})",
+            "    folder = '<this folder>'",
+            f"    emb = load_file(folder + '/{EMBEDDING_FILE}')",
+            f"    pipe.load_textual_inversion(emb['clip_l'], token={token!r}, text_encoder=pipe.text_encoder, "
+            "tokenizer=pipe.tokenizer)",
+            f"    pipe.load_textual_inversion(emb['clip_g'], token={token!r}, text_encoder=pipe.text_encoder_2, "
+            "tokenizer=pipe.tokenizer_2)",
+            f"    image = pipe('a photo of {token}').images[0]",
+        ]
+    else:
+        code = [
+            "    from diffusers import StableDiffusionPipeline",
+            f"    pipe = StableDiffusionPipeline.from_pretrained({base!r}, safety_checker=None)",
+            "    folder = '<this folder>'",
+            f"    pipe.load_textual_inversion(folder, token={token!r})",
+            f"    image = pipe('a photo of {token}').images[0]",
+        ]
     if has_lora:
         files.insert(0, f"  {LORA_FILE}: UNet LoRA (diffusers save_lora_weights format, PEFT adapter metadata)")
-        code.insert(3, "    pipe.load_lora_weights(folder)")
+        code.insert(code.index("    folder = '<this folder>'") + 1, "    pipe.load_lora_weights(folder)")
     return "\n".join([
         "Concept exported by datencoder for stock diffusers.", "", "Files:", *files, "",
         f"Base model: {base} (fingerprint {concept.base.get('fingerprint', '?')}).",
@@ -82,9 +117,10 @@ def _readme(concept: Concept, has_lora: bool) -> str:
 
 def export_diffusers(concept: Concept, out_dir: str | Path) -> Path:
     """Write the concept as a diffusers LoRA + textual-inversion embedding + README.txt."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors.torch import save_file
 
+    _is_sdxl(concept)  # refuse an unknown text-encoder layout before writing anything
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DatencoderError(f"--out {out_dir} is a file; pass a folder")
@@ -96,11 +132,11 @@ def export_diffusers(concept: Concept, out_dir: str | Path) -> Path:
         has_lora = bool(concept.factors)
         if has_lora:
             state, metadata = _lora_state_and_metadata(concept)
-            StableDiffusionPipeline.save_lora_weights(
+            pipeline = StableDiffusionXLPipeline if _is_sdxl(concept) else StableDiffusionPipeline
+            pipeline.save_lora_weights(
                 staging, unet_lora_layers=state, unet_lora_adapter_metadata=metadata, weight_name=LORA_FILE,
             )
-        save_file({concept.token: concept.embedding.detach().float().contiguous().cpu()},  # [D]
-                  str(staging / EMBEDDING_FILE), metadata={"format": "pt"})
+        save_file(_embedding_tensors(concept), str(staging / EMBEDDING_FILE), metadata={"format": "pt"})
         (staging / README_FILE).write_text(_readme(concept, has_lora))
         names = ([LORA_FILE] if has_lora else []) + [EMBEDDING_FILE, README_FILE]
         for name in names:
