@@ -151,6 +151,12 @@ def test_vae_and_unet_resume_bit_identically_and_export_loads(tmp_path):
     with pytest.raises(DatencoderError, match="another architecture"):
         _run("unet", second + ["model.block_out_channels=[8,8]", f"train.work_dir={tmp_path / 'other'}"])
 
+    # A UNet can also be trained on an exported VAE (e.g. the shipped one): same latents up to fp16.
+    from_export = unet4 + [f"vae_dir={out / 'vae'}", f"cache_dir={tmp_path / 'cache_export'}", "cache_parts=[latents]"]
+    _run("cache", from_export)
+    again = load_file(str(tmp_path / "cache_export" / "latents.safetensors"))["latents"]
+    torch.testing.assert_close(again, cached, rtol=0, atol=2e-2)
+
 
 def test_zero_terminal_snr_schedule_samples_from_pure_noise_and_needs_v_prediction():
     from diffusers import DDIMScheduler

@@ -41,8 +41,20 @@ class Stage:
 
 
 def _vae_from_dir(vae_dir: str, scaling_factor: float = 1.0):
-    """The VAE stage's architecture (from its checkpoint JSON) with its EMA weights."""
+    """The VAE stage's architecture (from its checkpoint JSON) with its EMA weights, or an
+    exported diffusers ``vae/`` folder (e.g. the shipped model's, to train a UNet on it)."""
     meta = Path(vae_dir) / "checkpoint.json"
+    exported = Path(vae_dir) / "config.json"
+    if not meta.exists() and exported.exists():
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32)
+        vae.register_to_config(scaling_factor=scaling_factor)
+        config = vae.config
+        arch = MiniVAEConfig(resolution=config.sample_size, block_out_channels=list(config.block_out_channels),
+                             layers_per_block=config.layers_per_block, latent_channels=config.latent_channels,
+                             norm_num_groups=config.norm_num_groups)
+        return arch, vae.eval().requires_grad_(False)
     if not meta.exists():
         raise DatencoderError(f"no VAE checkpoint in {vae_dir}; run 'datencoder minisd vae' first")
     arch = MiniVAEConfig(**json.loads(meta.read_text())["config"]["model"])
