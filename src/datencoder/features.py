@@ -96,9 +96,6 @@ class FeatureExtractor:
         return TextStates(self._neutral.states.expand(batch, -1, -1),
                           None if pooled is None else pooled.expand(batch, -1))
 
-    def neutral_context(self, batch: int, device) -> Tensor:
-        return self.neutral_text(batch).states.to(device)
-
     @torch.no_grad()
     def denoiser(self, z_t: Tensor, timesteps: Tensor) -> Tensor:
         """Pooled outputs of the frozen UNet's down and mid blocks on z_t: [N, C, h, w] -> [N, Fd]."""
