@@ -29,6 +29,7 @@ pretrain minisd_encoder_no_contrastive &
 pretrain minisd_encoder_no_hypernet &
 pretrain minisd_e4t_animals &
 wait
+pretrain minisd_encoder_full_hypernet   # issue 11: the higher-capacity hypernetwork ablation
 
 # eval_minisd.yaml reads the encoders from /work/runs/pretrain/...; with another RUNS, override
 # each method's encoder path or link $RUNS/pretrain to /work/runs/pretrain.
@@ -39,6 +40,7 @@ evaluate db-lora-50,db-lora-200,db-lora-800 &
 evaluate ours-0,ours-4,ours-12,ours-50,no-dual-path-12 &
 wait
 evaluate no-contrastive-12,no-hypernet-12,e4t-animals-inside,e4t-animals-outside
+evaluate ours-12-full-hypernet,ours-12-tune-heads
 python benchmarks/eval_reference.py --output-dir "$runs/eval/minisd"   # ceiling rows
 # the reports (results.md, scatter.png, grids) cover every method's records
 datencoder evaluate eval_minisd output_dir="$runs/eval/minisd" --methods no-personalisation

@@ -58,8 +58,10 @@ def test_resume_is_bit_identical(tiny_base_dir, image_dir, tmp_path):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     # The log of the resumed run continues the first one, without duplicated steps.
-    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # the collapse watch: nearest words of the 2 x 2 predictions of each logged step
+    assert all(1 <= r["health_distinct_nearest"] <= 4 and 0.25 <= r["health_top_word_share"] <= 1 for r in rows)
     ckpt = json.loads((tmp_path / "cut" / "checkpoint" / "checkpoint.json").read_text())
     assert ckpt["step"] == 4 and ckpt["position"] == 4 * 2 * 2
 
@@ -96,7 +98,8 @@ def _config_classes() -> dict[str, type]:
         "minisd_unet_zsnr.yaml": UNetStageConfig,
         "minisd_tower.yaml": TowerStageConfig, "minisd_evaluator.yaml": EvaluatorStageConfig,
         "minisd_encoder_no_contrastive.yaml": Config, "minisd_encoder_no_hypernet.yaml": Config,
-        "minisd_e4t_animals.yaml": Config, "eval_minisd.yaml": EvalConfig,
+        "minisd_encoder_full_hypernet.yaml": Config,
+        "minisd_e4t_animals.yaml": Config, "eval_minisd.yaml": EvalConfig, "eval_minisd_fixed.yaml": EvalConfig,
     }
 
 

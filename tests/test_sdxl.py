@@ -196,3 +196,8 @@ def test_cli_pretrain_personalize_generate_export(family, tiny_sd2_base_dir, tin
     assert len(list((tmp_path / "gen").glob("0*.png"))) == 2
     assert cli.main(["export", str(concept_dir), "--out", str(tmp_path / "export")]) == 0
     assert (tmp_path / "export" / EMBEDDING_FILE).is_file() and (tmp_path / "export" / LORA_FILE).is_file()
+    assert cli.main(["export", str(concept_dir), "--format", "kohya", "--out", str(tmp_path / "kohya")]) == 0
+    a1111 = load_file(str(tmp_path / "kohya" / "kohya.safetensors"))
+    assert set(a1111) == ({"clip_l", "clip_g"} if family == "sdxl" else {"emb_params"})
+    assert torch.equal(torch.cat([t[0] for t in a1111.values()]), concept.embedding)
+    assert (tmp_path / "kohya" / "kohya_lora.safetensors").is_file()

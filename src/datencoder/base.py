@@ -1,4 +1,6 @@
-"""Load any Stable-Diffusion-family base model: VAE, UNet, noise scheduler, text encoder, image tower.
+"""Load a Stable Diffusion 1.x/2.x base model: VAE, UNet, noise scheduler, text encoder, image tower.
+
+``check_family`` refuses other families (SD3, FLUX, Kandinsky, ...) up front; SDXL passes the gate.
 
 The method (Arar et al. 2023) personalises a frozen text-to-image model; every width the encoder,
 hypernetwork and attention processors need is read from the configs loaded here, never hard-coded.
@@ -37,7 +39,7 @@ if TYPE_CHECKING:  # diffusers/transformers import in seconds; load them only wh
     from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["BaseModel", "load_base", "base_fingerprint", "DEFAULT_BASE"]
+__all__ = ["BaseModel", "load_base", "base_fingerprint", "check_family", "DEFAULT_BASE", "SUPPORTED_PIPELINES"]
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +178,47 @@ def _first_line(err: BaseException, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+# model_index.json ``_class_name`` of the pipelines whose components this library drives. SD 1.x/2.x
+# share StableDiffusionPipeline (epsilon or v-prediction, CLIP/OpenCLIP text); SDXL is gated in here
+# and handled by its own loading path. Anything else (SD3, FLUX, Kandinsky, PixArt, ...) has
+# another denoiser or text stack and is refused by name, before any weights are read.
+SUPPORTED_PIPELINES = {
+    "StableDiffusionPipeline": "Stable Diffusion 1.x/2.x",
+    "StableDiffusionImg2ImgPipeline": "Stable Diffusion 1.x/2.x",
+    "StableDiffusionXLPipeline": "Stable Diffusion XL",
+    "StableDiffusionXLImg2ImgPipeline": "Stable Diffusion XL",
+}
+_SUPPORTED_TEXT = "Stable Diffusion 1.x/2.x (StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline)"
+
+
+def _read_class_name(path: Path) -> str | None:
+    try:
+        value = json.loads(path.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as err:
+        raise DatencoderError(f"{path} is not valid JSON ({_first_line(err)}); fix or re-download it") from err
+    return str(value) if value is not None else None
+
+
+def check_family(root: Path, name: str) -> None:
+    """Refuse a model folder of a family other than SD 1.x/2.x/SDXL, in one line naming the supported ones."""
+    index = root / "model_index.json"
+    found = None
+    if index.is_file():
+        found = _read_class_name(index)
+        if found is None or found in SUPPORTED_PIPELINES:
+            return
+    elif (root / "unet" / "config.json").is_file():
+        found = _read_class_name(root / "unet" / "config.json")
+        if found in (None, "UNet2DConditionModel"):
+            return
+    elif (root / "transformer").is_dir():
+        found = "a transformer denoiser (transformer/)"
+    else:
+        return  # no identifying files: the layout check names what is missing
+    raise DatencoderError(f"base model '{name}' is {found}, which is not supported; "
+                          f"supported families: {_SUPPORTED_TEXT}")
+
+
 def _resolve(pretrained: str) -> tuple[Path | str, bool]:
     """Map the user's name to a local folder (True) or a hub id (False)."""
     pretrained = str(pretrained)
@@ -189,6 +232,7 @@ def _resolve(pretrained: str) -> tuple[Path | str, bool]:
         return root, True
     path = Path(pretrained).expanduser()
     if path.is_dir():
+        check_family(path, pretrained)
         borrowed = set(_read_base_json(path, True))  # parts datencoder_base.json takes from a package
         missing = [f"{s}/" for s in _SUBFOLDERS if not (path / s).is_dir() and s not in borrowed]
         if missing:
@@ -386,6 +430,8 @@ def load_base(pretrained: str = DEFAULT_BASE, image_tower: str | None = None, *,
 
     name = str(pretrained)
     root, local = _resolve(name)
+    if local and name != DEFAULT_BASE:
+        name = str(Path(root).resolve())  # recorded in artifacts: must not depend on the working directory
     spec = _read_base_json(root, local)
     tower_src = None
     if with_image_tower:

@@ -9,6 +9,7 @@ for another base model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -30,6 +31,8 @@ __all__ = [
     "load_tensors",
     "read_json",
     "check_base",
+    "check_output",
+    "file_sha256",
     "FORMAT_VERSION",
 ]
 
@@ -39,18 +42,67 @@ FORMAT_VERSION = 1
 def _atomic(path: str | Path, write) -> None:
     """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; artifacts get the usual permissions
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
+        # after writing: mkstemp makes 0600 and some writers (safetensors) re-create the file;
+        # every artifact gets the usual permissions, the same for tensors and JSON
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except OSError as err:  # full disk, read-only or vanished folder: one line, not a traceback
+        raise DatencoderError(f"could not write {path} ({err.strerror or _first_line(err)}); "
+                              "check free space and permissions, or choose another output") from err
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def check_output(path: str | Path, option: str = "--out", folder: bool = True) -> Path:
+    """Fail now, before any compute, if ``path`` (a folder, or a file when ``folder`` is False)
+    cannot be written: an existing file where a folder goes (or the reverse), a parent that is a
+    file, a read-only or full file system. A probe file is created and removed, because
+    permission bits say nothing for root and nothing about read-only mounts."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise DatencoderError(f"{option} {path} is an existing file; pass a folder")
+    if not folder and path.is_dir():
+        raise DatencoderError(f"{option} {path} is a folder; pass a file name")
+    ancestor = path if folder else path.parent
+    ancestor = ancestor.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise DatencoderError(f"{option} {path}: {ancestor} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".datencoder-probe.", dir=ancestor)
+        try:
+            os.write(fd, b"\0" * 4096)  # a full disk refuses data even where it still makes an inode
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        raise DatencoderError(f"cannot write to {option} {path} ({err.strerror or _first_line(err)} in "
+                              f"{ancestor}); choose another location") from None
+    return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (pairs an artifact's JSON with its tensors)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_atomic(path: str | Path, write) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoints import check_base, load_tensors, read_json, save_tensors_atomic, write_json_atomic
+from .checkpoints import check_base, file_sha256, load_tensors, read_json, save_tensors_atomic, write_json_atomic
 from .errors import DatencoderError
 
 __all__ = ["Concept"]
@@ -69,8 +69,11 @@ class Concept:
             tensors[f"lora_A.{name}"] = A
             tensors[f"lora_B.{name}"] = B
         save_tensors_atomic(directory / f"{KIND}.safetensors", tensors, KIND)
+        # The two files are renamed into place one after the other; the tensors' hash in the JSON
+        # lets a load tell a mixed pair (a kill between the renames, files copied apart) from a concept.
         write_json_atomic(directory / f"{KIND}.json", {
             "kind": KIND,
+            "tensors_sha256": file_sha256(directory / f"{KIND}.safetensors"),
             "placeholder": self.placeholder,
             "token": self.token,
             "hard_word": self.hard_word,
@@ -92,6 +95,10 @@ class Concept:
             raise DatencoderError(f"concept folder {directory} not found; create it with 'datencoder personalize'")
         meta = read_json(directory / f"{KIND}.json", KIND)
         tensors = load_tensors(directory / f"{KIND}.safetensors", KIND)
+        recorded = meta.get("tensors_sha256")  # absent in concepts saved before it was recorded
+        if recorded is not None and recorded != file_sha256(directory / f"{KIND}.safetensors"):
+            raise DatencoderError(f"{directory}: {KIND}.json and {KIND}.safetensors come from different saves "
+                                  "(tensor fingerprint mismatch); re-create the concept with 'datencoder personalize'")
         if "embedding" not in tensors:
             raise DatencoderError(f"{directory} holds no embedding; re-create the concept")
         parts = []

@@ -9,6 +9,7 @@ back, so an artifact always says exactly how it was made.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,9 +35,19 @@ __all__ = [
     "load_config",
     "apply_overrides",
     "shipped_configs_dir",
+    "check_seed",
 ]
 
 T = TypeVar("T")
+
+SEED_LIMIT = 2**63
+"""Seeds are non-negative 63-bit integers: every generator and seed mix of the project takes them."""
+
+
+def check_seed(seed: int, where: str = "seed") -> int:
+    if not 0 <= seed < SEED_LIMIT:
+        raise DatencoderError(f"{where} must be an integer in [0, 2**63 - 1], got {seed}")
+    return seed
 
 
 @dataclass
@@ -67,6 +78,9 @@ class EncoderConfig:
     trunk_layers: int = 2
     timestep_dim: int = 128
     use_hypernetwork: bool = True
+    hypernet_mode: str = "core"
+    """'core': a per-sample r x r core on a learned per-layer basis (B = U M(x), A fixed); 'full':
+    per-sample A and B themselves (far more weights; see hypernetwork.py)."""
     rank: int = 4
     targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     """Attention projections that receive low-rank offsets."""
@@ -80,6 +94,8 @@ class EncoderConfig:
             raise DatencoderError(f"encoder.trunk_layers must be >= 1, got {self.trunk_layers}")
         if self.rank < 1:
             raise DatencoderError(f"encoder.rank must be >= 1, got {self.rank}")
+        if self.hypernet_mode not in ("core", "full"):
+            raise DatencoderError(f"encoder.hypernet_mode must be 'core' or 'full', got {self.hypernet_mode!r}")
         bad = [k for k in self.attention_kinds if k not in ("self", "cross")]
         if bad:
             raise DatencoderError(f"encoder.attention_kinds may hold 'self' and 'cross', got {bad}")
@@ -179,6 +195,7 @@ class TrainConfig:
             )
         if self.lr_schedule not in ("constant", "cosine"):
             raise DatencoderError(f"train.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        check_seed(self.seed, "train.seed")
 
 
 @dataclass
@@ -189,11 +206,19 @@ class TuneConfig:
     lr_lora: float = 1e-3
     tune_embedding: bool = True
     tune_lora: bool = True
+    tune_heads: bool = False
+    """Tune (a copy of) the encoder's embedding head and hypernetwork on the image's fixed trunk
+    features instead of v and the factors directly (METHOD.md: "optionally also the encoder's heads");
+    tune_embedding / tune_lora then pick the embedding head / the hypernetwork."""
+    lr_heads: float = 1e-4
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise DatencoderError(f"tune.steps must be >= 0, got {self.steps}")
+        check_seed(self.seed, "tune.seed")
+        if self.lr_heads <= 0:
+            raise DatencoderError(f"tune.lr_heads must be > 0, got {self.lr_heads}")
 
 
 @dataclass
@@ -203,6 +228,9 @@ class SampleConfig:
     num_images: int = 4
     seed: int = 0
     scheduler: str = "ddim"
+
+    def __post_init__(self) -> None:
+        check_seed(self.seed, "sample.seed")
 
 
 @dataclass
@@ -298,16 +326,55 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 core-schema scalars.
+
+    PyYAML implements YAML 1.1, where ``3e-3`` (no dot) is a string and ``no``/``off``/``y`` are
+    booleans; ``tune.lr_lora=3e-3`` would then be refused and ``train.mixed_precision=no`` would
+    become False. YAML 1.2 reads numbers as numbers and only ``true``/``false`` as booleans.
+    """
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (
+        "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float", "tag:yaml.org,2002:int")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+_Yaml12Loader.add_constructor(  # base 10 (YAML 1.1 reads a leading 0 as octal) or 0x hex
+    "tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node), 0 if "x" in node.value else 10))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as data, with YAML 1.2 numbers and booleans (``_Yaml12Loader``)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 -- a SafeLoader subclass
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides (values parsed as YAML) to a nested mapping."""
+    """Apply ``section.key=value`` overrides (values parsed as YAML 1.2) to a nested mapping."""
     data = dict(data)
     for item in overrides:
         if "=" not in item:
             raise DatencoderError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = parse_yaml(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise DatencoderError(f"override {item!r}: the value is not valid YAML ({problem}); "
+                                  "quote lists on the shell, e.g. 'encoder.tower_layers=[-1, -2]'") from None
         node = data
         parts = key.strip().split(".")
+        if not all(parts):
+            raise DatencoderError(f"override {item!r}: empty key part; write section.key=value")
         for part in parts[:-1]:
             child = node.get(part)
             child = dict(child) if isinstance(child, dict) else {}
@@ -335,7 +402,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, cls: type[
         else:
             raise DatencoderError(f"config file not found: {path} (give a YAML path or a shipped name)")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = parse_yaml(p.read_text()) or {}
     except yaml.YAMLError as err:
         line = getattr(getattr(err, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""

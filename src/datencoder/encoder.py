@@ -63,10 +63,18 @@ class TuningEncoder(nn.Module):
             self.embedding_head.weight.mul_(0.1)
             if init_embedding is not None:
                 self.embedding_head.bias.copy_(init_embedding)
-        self.hypernetwork = Hypernetwork(layer_shapes, cfg.hidden_dim, cfg.rank, predict=cfg.use_hypernetwork)
+        self.hypernetwork = Hypernetwork(layer_shapes, cfg.hidden_dim, cfg.rank, predict=cfg.use_hypernetwork,
+                                         mode=cfg.hypernet_mode)
+
+    def hidden(self, features: Tensor, timesteps: Tensor) -> Tensor:
+        """The trunk's output h: [N, feature_width], [N] -> [N, hidden]."""
+        t = timestep_features(timesteps, self.cfg.timestep_dim).to(features)
+        return self.trunk(torch.cat([features, t], dim=-1))
+
+    def heads(self, h: Tensor) -> EncoderOutput:
+        """Embedding head and hypernetwork on h (tuning may tune these alone: ``tune.tune_heads``)."""
+        return EncoderOutput(self.embedding_head(h), self.hypernetwork(h))
 
     def forward(self, features: Tensor, timesteps: Tensor) -> EncoderOutput:
         """features: [N, feature_width]; timesteps: [N] -> embedding and factors per sample."""
-        t = timestep_features(timesteps, self.cfg.timestep_dim).to(features)
-        h = self.trunk(torch.cat([features, t], dim=-1))  # [N, hidden]
-        return EncoderOutput(self.embedding_head(h), self.hypernetwork(h))
+        return self.heads(self.hidden(features, timesteps))

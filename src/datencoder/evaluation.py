@@ -2,12 +2,16 @@
 
 METHOD.md, "Metrics": for each method and target image the harness personalises (timed, with
 peak memory), generates every prompt x seed through ``ConceptPipeline``, and scores each image
-with the emoji ``Evaluator``:
+with the emoji ``Evaluator`` (the default scorer):
 
 - identity: cosine of the evaluator's identity embeddings of the generated and the input image;
 - concept top-1 / top-5: whether the target concept is among the evaluator's top concepts;
 - style: whether the predicted rendering style is the target's (fluent3d for the emoji targets);
 - editability: accuracy of the background / position / size the prompt states (only those).
+
+With ``scorers: [clip, dino]`` (any supported base, e.g. on a folder of the user's own images:
+``targets.folder``) the paper's metrics are recorded instead or as well (``paper_metrics``):
+CLIP-I and DINO (identity), CLIP-T with S* replaced by the target's class word (editability).
 
 Per-image records go to one file per (method, target) pair, ``records/<method>/<target>.jsonl``,
 written atomically when the pair is complete (a rerun skips finished pairs, and processes running
@@ -33,13 +37,14 @@ from .config import from_dict, to_dict
 from .errors import DatencoderError
 
 __all__ = ["MethodConfig", "TargetGroup", "TargetsConfig", "EvalConfig", "Target", "select_targets",
-           "parse_prompt", "personalize_with", "score_images", "run_evaluation", "read_records", "pair_file",
+           "parse_prompt", "personalize_with", "score_images", "score_all", "run_evaluation", "read_records", "pair_file",
            "records_file", "parse_shard",
-           "reset_peak_memory", "method_targets", "KINDS"]
+           "reset_peak_memory", "method_targets", "folder_targets", "KINDS", "SCORERS"]
 
 log = logging.getLogger(__name__)
 
 KINDS = ("ours", "textual_inversion", "dreambooth_lora")
+SCORERS = ("emoji", "clip", "dino")
 
 
 @dataclass
@@ -88,6 +93,12 @@ class TargetsConfig:
     """Explicit target images (concept, name, category read from the manifest when listed there)."""
     seed: int = 0
     """Seed of the per-category choice of concepts."""
+    folder: str | None = None
+    """A folder of the user's own target images (also one level of subfolders), no manifest needed."""
+    class_words: str | None = None
+    """With ``folder``: a JSON {file: class word} or CSV (file,class) naming each image's class (CLIP-T
+    replaces S* by it). Without it the class is the subfolder's name, else the file name without
+    trailing digits (``red_dog_02.png`` -> "red dog")."""
 
 
 @dataclass
@@ -103,6 +114,13 @@ class EvalConfig:
     scheduler: str = "ddim"
     evaluator: str | None = None
     """Evaluator folder; None = the shipped one (assets/evaluator)."""
+    scorers: list[str] = field(default_factory=lambda: ["emoji"])
+    """emoji (the evaluator: identity, concept, attributes) and/or the paper's metrics: clip (CLIP-I,
+    CLIP-T; needs clip_model) and dino (DINO; needs dino_model)."""
+    clip_model: str | None = None
+    """transformers CLIPModel folder or hub id (e.g. openai/clip-vit-large-patch14)."""
+    dino_model: str | None = None
+    """transformers Dinov2Model folder or hub id (e.g. facebook/dinov2-small)."""
     output_dir: str = "runs/eval"
     save_images: bool = True
     grids: int = 2
@@ -121,6 +139,12 @@ class EvalConfig:
                 raise DatencoderError(f"evaluation prompt {p!r} has no placeholder S*")
         if not self.seeds or not self.prompts:
             raise DatencoderError("evaluation needs at least one prompt and one seed")
+        bad = [s for s in self.scorers if s not in SCORERS]
+        if bad or not self.scorers:
+            raise DatencoderError(f"scorers must be a non-empty list of {', '.join(SCORERS)}, got {self.scorers}")
+        for scorer, key in (("clip", "clip_model"), ("dino", "dino_model")):
+            if scorer in self.scorers and not getattr(self, key):
+                raise DatencoderError(f"scorer {scorer!r} needs {key}: a folder or hub id")
 
 
 @dataclass
@@ -128,6 +152,7 @@ class Target:
     image: str
     concept: str
     name: str
+    """The concept's name or class word: CLIP-T replaces S* with it ("grinning face", "dog")."""
     category: str
     style: str
     group: str
@@ -141,6 +166,63 @@ def _manifest_rows(manifest: str | Path) -> list[dict]:
     if not path.is_file():
         raise DatencoderError(f"target manifest {path} not found; set targets.manifest to the emoji manifest.jsonl")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _read_class_words(path: str | Path) -> dict[str, str]:
+    """{file (as written, relative to the folder): class word} from a JSON mapping or a file,class CSV."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatencoderError(f"targets.class_words file {path} not found")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("not a mapping")
+            return {str(k): str(v) for k, v in data.items()}
+        rows = list(csv.reader(path.read_text().splitlines()))
+    except ValueError as err:
+        raise DatencoderError(f"{path} must hold a JSON object {{file: class word}} ({err})") from None
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["file", "class"]:
+        rows = rows[1:]
+    bad = [r for r in rows if r and len(r) < 2]
+    if bad:
+        raise DatencoderError(f"{path}: every CSV row needs file,class; got {bad[0]}")
+    return {r[0].strip(): r[1].strip() for r in rows if r}
+
+
+def _class_from_name(relative: Path) -> str:
+    if len(relative.parts) > 1:  # DreamBench layout: <class or subject>/<n>.jpg
+        return relative.parts[0].replace("_", " ").replace("-", " ").strip()
+    return re.sub(r"[\s_-]*\d+$", "", relative.stem).replace("_", " ").replace("-", " ").strip() or relative.stem
+
+
+def folder_targets(folder: str | Path, class_words: str | Path | None = None) -> list[Target]:
+    """The images of a folder (and its direct subfolders) as targets, each with its class word."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatencoderError(f"targets.folder {folder} is not a folder of images")
+    files = sorted(p for p in [*folder.glob("*"), *folder.glob("*/*")]
+                   if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+    if not files:
+        raise DatencoderError(f"targets.folder {folder} holds no images ({', '.join(_IMAGE_SUFFIXES)})")
+    words = _read_class_words(class_words) if class_words else None
+    targets = []
+    for path in files:
+        relative = path.relative_to(folder)
+        if words is None:
+            word = _class_from_name(relative)
+        else:
+            word = words.get(relative.as_posix(), words.get(path.name))
+            if not word:
+                raise DatencoderError(f"{class_words} names no class word for {relative.as_posix()}")
+        concept = relative.with_suffix("").as_posix()
+        targets.append(Target(str(path), concept, word, word, "unknown", "folder"))
+    return targets
 
 
 def select_targets(cfg: TargetsConfig, shard: tuple[int, int] | None = None) -> list[Target]:
@@ -172,13 +254,16 @@ def select_targets(cfg: TargetsConfig, shard: tuple[int, int] | None = None) -> 
             targets.append(Target(str(image), stem, stem, "unknown", "unknown", "images"))
         else:
             targets.append(Target(str(image), row["concept"], row["name"], row["category"], row["style"], "images"))
+    if cfg.folder:
+        targets.extend(folder_targets(cfg.folder, cfg.class_words))
     seen, unique = set(), []
     for t in targets:  # a concept image chosen by two groups is evaluated once
         if t.image not in seen:
             seen.add(t.image)
             unique.append(t)
     if not unique:
-        raise DatencoderError("no evaluation targets: set targets.groups (with targets.manifest) or targets.images")
+        raise DatencoderError("no evaluation targets: set targets.groups (with targets.manifest), targets.images "
+                              "or targets.folder")
     if shard is not None:
         unique = [t for i, t in enumerate(unique) if i % shard[1] == shard[0]]
     return unique
@@ -280,6 +365,35 @@ def score_images(evaluator, images, reference, target: Target, prompts: list[str
     return out
 
 
+def score_all(scorers: dict, images, reference, target: Target, prompts: list[str]) -> list[dict]:
+    """Every configured scorer's scores of each generated image, merged per image.
+
+    ``scorers``: {"emoji": Evaluator, "paper": PaperMetrics} (either may be absent).
+    """
+    out: list[dict] = [{} for _ in prompts]
+    if "emoji" in scorers:
+        for rec, scores in zip(out, score_images(scorers["emoji"], images, reference, target, prompts)):
+            rec.update(scores)
+    if "paper" in scorers:
+        for rec, scores in zip(out, scorers["paper"].score(list(images), reference, prompts, target.name)):
+            rec.update(scores)
+    return out
+
+
+def _load_scorers(cfg: EvalConfig) -> dict:
+    scorers: dict = {}
+    if "emoji" in cfg.scorers:
+        from .evaluator import load_evaluator
+
+        scorers["emoji"] = load_evaluator(cfg.evaluator)
+    if "clip" in cfg.scorers or "dino" in cfg.scorers:
+        from .paper_metrics import PaperMetrics
+
+        scorers["paper"] = PaperMetrics(cfg.clip_model if "clip" in cfg.scorers else None,
+                                        cfg.dino_model if "dino" in cfg.scorers else None)
+    return scorers
+
+
 # -- the loop ---------------------------------------------------------------------------------
 
 
@@ -337,7 +451,6 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
     ``on_pair(method, target, ran)`` reports progress.
     """
     from .base import load_base
-    from .evaluator import load_evaluator
     from .image_io import image_to_tensor, load_image, save_image_atomic
     from .pipeline import ConceptPipeline
 
@@ -345,6 +458,8 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
     out.mkdir(parents=True, exist_ok=True)
     setup = {"prompts": cfg.prompts, "seeds": cfg.seeds, "sample_steps": cfg.sample_steps,
              "guidance": cfg.guidance, "scheduler": cfg.scheduler, "base": cfg.base}
+    if cfg.scorers != ["emoji"]:  # only then: folders made before the option existed stay valid
+        setup["scorers"] = sorted(cfg.scorers)
     setup_file = out / "eval_setup.json"
     if setup_file.is_file() and json.loads(setup_file.read_text()) != setup:
         raise DatencoderError(f"{out} holds records made with other prompts, seeds, sampling or base; "
@@ -379,7 +494,7 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
     pending = [(m, t) for m in chosen for t in method_targets(m, targets) if (m.name, t.image) not in done]
     # models are loaded only when there is work: a finished evaluation re-renders its reports in seconds
     base = load_base(cfg.base, cfg.image_tower) if pending else None
-    evaluator = load_evaluator(cfg.evaluator) if pending else None
+    scorers = _load_scorers(cfg) if pending else {}
     systems: dict = {}
     runs: dict = {}  # (kind, settings, target) -> OptimisationRun, for baselines that grow in steps
     ran, skipped = [], []
@@ -412,8 +527,8 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
             for seed in cfg.seeds:
                 images = pipe(prompts, num_images=1, num_inference_steps=cfg.sample_steps,
                               guidance_scale=cfg.guidance, seed=seed)
-                for p_index, (prompt, rec) in enumerate(zip(cfg.prompts, score_images(
-                        evaluator, images, image, target, cfg.prompts))):
+                for p_index, (prompt, rec) in enumerate(zip(cfg.prompts, score_all(
+                        scorers, images, image, target, cfg.prompts))):
                     file = None
                     if cfg.save_images:
                         file = f"images/{method.name}/{pair_file(out, method.name, target.image).stem}/p{p_index}_s{seed}.png"

@@ -15,10 +15,12 @@ from PIL import Image, ImageDraw, ImageFont
 __all__ = ["aggregate", "paired_deltas", "results_markdown", "scatter_plot", "example_grids", "METRICS"]
 
 METRICS = ("identity", "top1", "top5", "style_ok", "background_ok", "position_ok", "size_ok", "editability",
-           "seconds", "peak_mb")
+           "clip_i", "dino", "clip_t", "seconds", "peak_mb")
 _TITLES = {"identity": "identity", "top1": "concept top-1", "top5": "concept top-5", "style_ok": "style",
            "background_ok": "background", "position_ok": "position", "size_ok": "size",
-           "editability": "editability", "seconds": "seconds", "peak_mb": "peak MB"}
+           "editability": "editability", "clip_i": "CLIP-I", "dino": "DINO", "clip_t": "CLIP-T",
+           "seconds": "seconds", "peak_mb": "peak MB"}
+_PAIRED = ("identity", "editability", "clip_i", "dino", "clip_t")
 
 
 def _mean(values):
@@ -29,7 +31,7 @@ def _mean(values):
 def _per_target(records: list[dict]) -> dict[str, float | None]:
     row = {m: _mean(r.get(m) for r in records) for m in METRICS if m != "editability"}
     # editability: every stated attribute check of every image counts once
-    row["editability"] = _mean(r[f"{a}_ok"] for r in records for a in ("background", "position", "size"))
+    row["editability"] = _mean(r.get(f"{a}_ok") for r in records for a in ("background", "position", "size"))
     return row
 
 
@@ -87,12 +89,18 @@ def _cell(stat, metric: str) -> str:
     return f"{mean:.3f} ± {std:.3f}"
 
 
+def _present(agg: dict, metrics=METRICS) -> list[str]:
+    """The metrics some method has a value of (an emoji-only evaluation shows no CLIP columns)."""
+    return [m for m in metrics if any(stats[m][0] is not None for stats in agg.values())]
+
+
 def _table(agg: dict, label) -> list[str]:
-    head = ["method", "targets"] + [_TITLES[m] for m in METRICS]
+    metrics = _present(agg)
+    head = ["method", "targets"] + [_TITLES[m] for m in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, stats in agg.items():
         n = max(s[2] for s in stats.values())
-        lines.append("| " + " | ".join([label(key), str(n)] + [_cell(stats[m], m) for m in METRICS]) + " |")
+        lines.append("| " + " | ".join([label(key), str(n)] + [_cell(stats[m], m) for m in metrics]) + " |")
     return lines
 
 
@@ -107,7 +115,9 @@ def results_markdown(records: list[dict], setup: dict | None = None, paired_with
     lines += ["Mean ± std over targets (each target: mean over its prompts × seeds). Identity: cosine of "
               "evaluator embeddings to the input image; style: rate of the target's style; background / "
               "position / size: accuracy over the prompts that state it; editability: all stated checks; "
-              "seconds and peak MB: personalisation only.", "", "## All targets", ""]
+              "seconds and peak MB: personalisation only. CLIP-I / DINO: cosine of CLIP image / DINOv2 CLS "
+              "embeddings to the input image; CLIP-T: CLIP image-text cosine with the prompt, S* replaced by the "
+              "class word.", "", "## All targets", ""]
     lines += _table(aggregate(records), str)
     groups = sorted({r["group"] for r in records})
     if len(groups) > 1:
@@ -116,15 +126,17 @@ def results_markdown(records: list[dict], setup: dict | None = None, paired_with
         by_group = aggregate(records, by_group=True)
         by_group = dict(sorted(by_group.items(), key=lambda kv: (order[kv[0][0]], groups.index(kv[0][1]))))
         lines += _table(by_group, lambda k: f"{k[0]} ({k[1]})")
-    deltas = paired_deltas(records, paired_with) if paired_with else {}
-    if deltas:
+    deltas = paired_deltas(records, paired_with, _PAIRED) if paired_with else {}
+    shown = _present(deltas, _PAIRED) if deltas else []
+    if shown:
         lines += ["", f"## Paired with `{paired_with}`", "",
                   f"Per target: the method's mean minus `{paired_with}`'s on the same target; then mean ± "
                   "standard error over targets (positive: better than it).", "",
-                  "| method | targets | Δ identity | Δ editability |", "|---|---|---|---|"]
+                  "| method | targets | " + " | ".join(f"Δ {_TITLES[m]}" for m in shown) + " |",
+                  "|---|---|" + "---|" * len(shown)]
         for method, stats in deltas.items():
             n = max(st[2] for st in stats.values())
-            cells = ["—" if st[0] is None else f"{st[0]:+.3f} ± {st[1]:.3f}" for st in stats.values()]
+            cells = ["—" if stats[m][0] is None else f"{stats[m][0]:+.3f} ± {stats[m][1]:.3f}" for m in shown]
             lines.append(f"| {method} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -140,8 +152,13 @@ def scatter_plot(records: list[dict], size: tuple[int, int] = (900, 520)) -> Ima
     methods with nearly equal scores stay readable.
     """
     agg = aggregate(records)
-    points = [(m, s["identity"][0], s["editability"][0]) for m, s in agg.items()
-              if s["identity"][0] is not None and s["editability"][0] is not None]
+    # the emoji evaluator's axes, or the paper's (DINO or CLIP-I vs CLIP-T) when only those were scored
+    x_key, y_key = "identity", "editability"
+    if not any(s["identity"][0] is not None for s in agg.values()):
+        x_key = "dino" if any(s["dino"][0] is not None for s in agg.values()) else "clip_i"
+        y_key = "clip_t"
+    points = [(m, s[x_key][0], s[y_key][0]) for m, s in agg.items()
+              if s[x_key][0] is not None and s[y_key][0] is not None]
     w, h = size
     legend_w = 260
     left, right, top, bottom = 60, 20 + legend_w, 30, 50
@@ -153,8 +170,8 @@ def scatter_plot(records: list[dict], size: tuple[int, int] = (900, 520)) -> Ima
     pad_x = max(0.05, (max(xs) - min(xs)) * 0.15)
     pad_y = max(0.05, (max(ys) - min(ys)) * 0.15)
     x0, x1 = min(xs) - pad_x, max(xs) + pad_x
-    # editability is a rate: keep its axis inside [0, 1]
-    y0, y1 = max(0.0, min(ys) - pad_y), min(1.0, max(ys) + pad_y)
+    # editability is a rate: keep its axis inside [0, 1]; CLIP-T is a cosine, inside [-1, 1]
+    y0, y1 = max(0.0 if y_key == "editability" else -1.0, min(ys) - pad_y), min(1.0, max(ys) + pad_y)
     if y1 <= y0:
         y0, y1 = 0.0, 1.0
 
@@ -171,8 +188,11 @@ def scatter_plot(records: list[dict], size: tuple[int, int] = (900, 520)) -> Ima
         _, py = to_px(x0, ty)
         draw.line([left - 4, py, left, py], fill=(0, 0, 0))
         draw.text((left - 34, py - 5), f"{ty:.2f}", fill=(0, 0, 0), font=font)
-    draw.text(((w - legend_w - 160) // 2, h - 22), "identity (cosine to input)", fill=(0, 0, 0), font=font)
-    draw.text((8, 8), "editability (stated attributes correct)", fill=(0, 0, 0), font=font)
+    x_title = {"identity": "identity (cosine to input)", "dino": "DINO (cosine to input)",
+               "clip_i": "CLIP-I (cosine to input)"}[x_key]
+    y_title = "editability (stated attributes correct)" if y_key == "editability" else "CLIP-T (image-text cosine)"
+    draw.text(((w - legend_w - 160) // 2, h - 22), x_title, fill=(0, 0, 0), font=font)
+    draw.text((8, 8), y_title, fill=(0, 0, 0), font=font)
     palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
                (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
     line_h = max(12, min(18, (h - top - 10) // max(1, len(points))))

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from .concept import Concept
 from .errors import DatencoderError
+from .export_base import borrows_parts, embedding_code, is_sdxl_concept, load_code, sample_code
+from .export_kohya import export_kohya
 
 __all__ = ["export_concept", "export_diffusers", "FORMATS", "LORA_FILE", "EMBEDDING_FILE"]
 
@@ -58,54 +60,34 @@ def _lora_state_and_metadata(concept: Concept) -> tuple[dict, dict]:
     return state, config.to_dict()
 
 
-def _is_sdxl(concept: Concept) -> bool:
-    if len(concept.token_dims) > 2:
-        raise DatencoderError(f"the concept has {len(concept.token_dims)} text-encoder embeddings; "
-                              "export knows one (SD 1.x/2.x) or two (SDXL)")
-    return len(concept.token_dims) == 2
-
-
 def _embedding_tensors(concept: Concept) -> dict:
     parts = [p.detach().float().contiguous().cpu() for p in concept.embedding_parts()]
-    if _is_sdxl(concept):
+    if is_sdxl_concept(concept):
         return {"clip_l": parts[0].unsqueeze(0), "clip_g": parts[1].unsqueeze(0)}  # [1, D1], [1, D2]
     return {concept.token: parts[0]}  # [D]
 
 
-def _readme(concept: Concept, has_lora: bool) -> str:
-    base, token = concept.base.get("name", "?"), concept.token
-    sdxl = _is_sdxl(concept)
-    layout = "clip_l/clip_g (one vector per text encoder)" if sdxl else "diffusers"
-    files = [f"  {EMBEDDING_FILE}: textual-inversion embedding of the token {token}, {layout} layout"]
-    if sdxl:
-        code = [
-            "    from diffusers import StableDiffusionXLPipeline",
-            "    from safetensors.torch import load_file",
-            f"    pipe = StableDiffusionXLPipeline.from_pretrained({base!r})",
-            "    folder = '<this folder>'",
-            f"    emb = load_file(folder + '/{EMBEDDING_FILE}')",
-            f"    pipe.load_textual_inversion(emb['clip_l'], token={token!r}, text_encoder=pipe.text_encoder, "
-            "tokenizer=pipe.tokenizer)",
-            f"    pipe.load_textual_inversion(emb['clip_g'], token={token!r}, text_encoder=pipe.text_encoder_2, "
-            "tokenizer=pipe.tokenizer_2)",
-            f"    image = pipe('a photo of {token}').images[0]",
-        ]
-    else:
-        code = [
-            "    from diffusers import StableDiffusionPipeline",
-            f"    pipe = StableDiffusionPipeline.from_pretrained({base!r}, safety_checker=None)",
-            "    folder = '<this folder>'",
-            f"    pipe.load_textual_inversion(folder, token={token!r})",
-            f"    image = pipe('a photo of {token}').images[0]",
-        ]
+def _readme(concept: Concept, has_lora: bool, folder: Path) -> str:
+    base, token, sdxl = concept.base.get("name", "?"), concept.token, is_sdxl_concept(concept)
+    layout = " (clip_l/clip_g: one vector per text encoder)" if sdxl else ""
+    files = [f"  {EMBEDDING_FILE}: textual-inversion embedding of the token {token}{layout}"]
     if has_lora:
         files.insert(0, f"  {LORA_FILE}: UNet LoRA (diffusers save_lora_weights format, PEFT adapter metadata)")
-        code.insert(code.index("    folder = '<this folder>'") + 1, "    pipe.load_lora_weights(folder)")
+    embedding = (embedding_code(f"folder + '/{EMBEDDING_FILE}'", token, True) if sdxl
+                 else [f"pipe.load_textual_inversion(folder, token={token!r})"])
+    code = [*load_code(base, sdxl=sdxl), f"folder = {str(folder)!r}",
+            *(["pipe.load_lora_weights(folder)"] if has_lora else []), *embedding,
+            *sample_code(f"a photo of {token} on the beach")]
+    standalone = ([f"Or write the base once as a standalone folder, `datencoder export-base {base} --out DIR`,",
+                   "and load it with StableDiffusionPipeline.from_pretrained(DIR) instead.", ""]
+                  if borrows_parts(base) else [])
     return "\n".join([
         "Concept exported by datencoder for stock diffusers.", "", "Files:", *files, "",
         f"Base model: {base} (fingerprint {concept.base.get('fingerprint', '?')}).",
-        "Use the same base model the concept was made with.", "", "Load it:", "", *code, "",
-        f"Write {token} where datencoder prompts use {concept.placeholder}.", "",
+        "Use the same base model the concept was made with.", "", "Load it:", "", *(f"    {c}" for c in code), "",
+        "This is the image of `datencoder generate <concept folder> \"a photo of "
+        f"{concept.placeholder} on the beach\" --no-dual-path --num-images 1 --seed 0`.",
+        f"Write {token} where datencoder prompts use {concept.placeholder}.", "", *standalone,
         "Single path only. datencoder samples with the dual-path blend",
         f"(a = {concept.blend_self} for self-, {concept.blend_cross} for cross-attention): each attention "
         "layer runs a second",
@@ -120,7 +102,7 @@ def export_diffusers(concept: Concept, out_dir: str | Path) -> Path:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors.torch import save_file
 
-    _is_sdxl(concept)  # refuse an unknown text-encoder layout before writing anything
+    is_sdxl_concept(concept)  # refuse an unknown text-encoder layout before writing anything
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DatencoderError(f"--out {out_dir} is a file; pass a folder")
@@ -132,12 +114,12 @@ def export_diffusers(concept: Concept, out_dir: str | Path) -> Path:
         has_lora = bool(concept.factors)
         if has_lora:
             state, metadata = _lora_state_and_metadata(concept)
-            pipeline = StableDiffusionXLPipeline if _is_sdxl(concept) else StableDiffusionPipeline
+            pipeline = StableDiffusionXLPipeline if is_sdxl_concept(concept) else StableDiffusionPipeline
             pipeline.save_lora_weights(
                 staging, unet_lora_layers=state, unet_lora_adapter_metadata=metadata, weight_name=LORA_FILE,
             )
         save_file(_embedding_tensors(concept), str(staging / EMBEDDING_FILE), metadata={"format": "pt"})
-        (staging / README_FILE).write_text(_readme(concept, has_lora))
+        (staging / README_FILE).write_text(_readme(concept, has_lora, out_dir.resolve()))
         names = ([LORA_FILE] if has_lora else []) + [EMBEDDING_FILE, README_FILE]
         for name in names:
             os.replace(staging / name, out_dir / name)
@@ -149,7 +131,7 @@ def export_diffusers(concept: Concept, out_dir: str | Path) -> Path:
     return out_dir
 
 
-FORMATS = {"diffusers": export_diffusers}
+FORMATS = {"diffusers": export_diffusers, "kohya": export_kohya}
 
 
 def export_concept(concept: Concept, out_dir: str | Path, format: str = "diffusers") -> Path:

@@ -9,6 +9,8 @@ dual-path model the concept was tuned with. Without a concept it is the plain ba
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
                        StableDiffusionXLPipeline)
@@ -19,9 +21,10 @@ from .base import BaseModel
 from .checkpoints import check_base
 from .concept import Concept
 from .conditioning import TextStates, encode_text
+from .config import check_seed
 from .errors import DatencoderError
 from .system import prepare_base
-from .tokens import fill_placeholder
+from .tokens import check_placeholder_kept, fill_placeholder
 
 __all__ = ["ConceptPipeline"]
 
@@ -53,6 +56,25 @@ class ConceptPipeline:
             )
         self.pipe.set_progress_bar_config(disable=True)
 
+    def check(self, prompts: str | list[str], num_images: int = 1, num_inference_steps: int = 25,
+              guidance_scale: float = 7.5, seed: int | None = None) -> None:
+        """Every argument error of a call, in one line, before any compute."""
+        if num_images < 1 or num_inference_steps < 1:
+            raise DatencoderError("num_images and num_inference_steps must be at least 1")
+        limit = self.pipe.scheduler.config.num_train_timesteps
+        if num_inference_steps > limit:
+            raise DatencoderError(f"{num_inference_steps} sampling steps exceed the scheduler's {limit} "
+                                  f"training timesteps; use at most {limit}")
+        if not math.isfinite(guidance_scale):
+            raise DatencoderError(f"the guidance scale must be a finite number, got {guidance_scale}")
+        if seed is not None:
+            check_seed(seed)
+        concept = self.concept
+        if concept is not None:
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            filled = [fill_placeholder(p, concept.placeholder, concept.token) for p in prompts]
+            check_placeholder_kept(self.base.tokenizer, filled, self.token_id, concept.placeholder)
+
     @torch.no_grad()
     def _states(self, prompts: list[str]) -> tuple[TextStates, torch.Tensor | None]:
         """Soft prompt states and the hard prompt's [B, L, D] (hard is None without a concept)."""
@@ -75,8 +97,7 @@ class ConceptPipeline:
                  guidance_scale: float = 7.5, negative_prompt: str = "", seed: int | None = 0,
                  generator: torch.Generator | None = None, dual_path: bool = True,
                  output_type: str = "pil", callback=None) -> list[Image.Image] | torch.Tensor:
-        if num_images < 1 or num_inference_steps < 1:
-            raise DatencoderError("num_images and num_inference_steps must be at least 1")
+        self.check(prompt, num_images, num_inference_steps, guidance_scale, seed if generator is None else None)
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(seed)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)

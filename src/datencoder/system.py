@@ -22,11 +22,24 @@ from .encoder import EncoderOutput, TuningEncoder, target_layer_shapes
 from .features import FeatureExtractor
 from .objective import NoisyLatents, Objective
 
-__all__ = ["EncoderSystem", "prepare_base", "DEFAULT_ENCODER_DIR"]
+__all__ = ["EncoderSystem", "prepare_base", "resolve_encoder", "DEFAULT_ENCODER", "DEFAULT_ENCODER_DIR"]
 
 KIND = "encoder"
-DEFAULT_ENCODER_DIR = Path(__file__).resolve().parent / "assets" / "minisd-emoji-encoder"
+DEFAULT_ENCODER = "minisd-emoji-encoder"
+"""The name of the shipped encoder on the command line (like the base's ``minisd-emoji``)."""
+DEFAULT_ENCODER_DIR = Path(__file__).resolve().parent / "assets" / DEFAULT_ENCODER
 """The encoder pre-trained on the embedded default base model, shipped in the package."""
+
+
+def resolve_encoder(name: str | Path) -> Path:
+    """The folder of an encoder given by folder or by the shipped name; one-line error if absent."""
+    from .errors import DatencoderError
+
+    path = DEFAULT_ENCODER_DIR if str(name) == DEFAULT_ENCODER else Path(name).expanduser()
+    if not path.is_dir():
+        raise DatencoderError(f"encoder folder {name} not found; pass --encoder a folder written by "
+                              f"'datencoder pretrain' or the shipped '{DEFAULT_ENCODER}'")
+    return path
 
 
 def prepare_base(base: BaseModel, token: str) -> int:
@@ -73,22 +86,33 @@ class EncoderSystem:
     def training_terms(self, pixels: Tensor, prompts: list[str],
                        generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Named, weighted loss terms of one pre-training batch (prompts contain S*)."""
+        return self.training_step(pixels, prompts, generator)[0]
+
+    def training_step(self, pixels: Tensor, prompts: list[str],
+                      generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], EncoderOutput]:
+        """The loss terms and the encoder's predictions (pre-training watches them for collapse)."""
         latents = self.encode_latents(pixels, generator)
         batch = self.objective.add_noise(latents, generator)
         out = self.run_encoder(pixels, batch)
         dual = self.cfg.dual_path.enabled and self.cfg.dual_path.in_pretraining
-        return self.objective(batch, prompts, out.embedding, out.factors, dual, generator)
+        return self.objective(batch, prompts, out.embedding, out.factors, dual, generator), out
 
     # -- personalisation ------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, pixels: Tensor, generator: torch.Generator | None = None) -> EncoderOutput:
-        """The encoder's prediction for concept images at the fixed inference timestep."""
+    def predict_features(self, pixels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Features of concept images at the fixed inference timestep: ([N, width], timesteps [N])."""
         latents = self.encode_latents(pixels, generator)
         t = self.cfg.encoder.inference_timestep
         if t is None:
             t = self.base.scheduler.config.num_train_timesteps // 2
         timesteps = torch.full((latents.shape[0],), t, dtype=torch.long)
-        return self.run_encoder(pixels, self.objective.add_noise(latents, generator, timesteps))
+        batch = self.objective.add_noise(latents, generator, timesteps)
+        return self.features(pixels, batch.noisy, batch.timesteps), batch.timesteps
+
+    @torch.no_grad()
+    def predict(self, pixels: Tensor, generator: torch.Generator | None = None) -> EncoderOutput:
+        """The encoder's prediction for concept images at the fixed inference timestep."""
+        return self.encoder(*self.predict_features(pixels, generator))
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, directory: str | Path, info: dict | None = None) -> Path:
@@ -106,8 +130,9 @@ class EncoderSystem:
 
     @classmethod
     def load(cls, directory: str | Path, base: BaseModel | None = None, overrides: dict | None = None) -> "EncoderSystem":
-        """Load a saved encoder; the base model is loaded from its config unless given."""
-        directory = Path(directory)
+        """Load a saved encoder (a folder, or the shipped encoder's name); the base model is loaded
+        from its config unless given."""
+        directory = resolve_encoder(directory)
         meta = read_json(directory / f"{KIND}.json", KIND)
         state = load_tensors(directory / f"{KIND}.safetensors", KIND)
         cfg_data = meta["config"]

@@ -33,7 +33,7 @@ import torch
 from .base import quiet_loading
 from .errors import DatencoderError
 
-__all__ = ["build_tiny_base", "TINY_WORDS", "MAX_LENGTHS", "FAMILIES"]
+__all__ = ["build_tiny_base", "build_tiny_clip", "build_tiny_dino", "TINY_WORDS", "MAX_LENGTHS", "FAMILIES"]
 
 log = logging.getLogger(__name__)
 
@@ -258,3 +258,49 @@ def build_tiny_base(path: str | Path, *, seed: int = 0, text_encoder: str | None
         raise
     log.debug("built tiny base (%s, %s, seed %d) at %s", family, text_encoder, seed, path)
     return path
+
+
+# -- tiny metric models (paper_metrics: CLIP-I, CLIP-T, DINO) ---------------------------------
+
+
+def build_tiny_clip(path: str | Path, *, seed: int = 0) -> Path:
+    """A tiny random ``CLIPModel`` folder (model, tokenizer, hand-written preprocessor config)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]), quiet_loading():
+        torch.manual_seed(seed)
+        tokenizer, _ = _clip_parts(MAX_LENGTHS["clip"])
+        text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "max_position_embeddings": MAX_LENGTHS["clip"],
+                "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id}
+        vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                  "num_hidden_layers": 2, "num_attention_heads": 2}
+        CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    _write_processor(path, "CLIPImageProcessor", 36, 32, [0.48145466, 0.4578275, 0.40821073],
+                     [0.26862954, 0.26130258, 0.27577711])
+    return path
+
+
+def build_tiny_dino(path: str | Path, *, seed: int = 0) -> Path:
+    """A tiny random ``Dinov2Model`` folder with a hand-written preprocessor config."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]), quiet_loading():
+        torch.manual_seed(seed)
+        config = Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                              num_attention_heads=2, mlp_ratio=2)
+        Dinov2Model(config).save_pretrained(path)
+    _write_processor(path, "BitImageProcessor", 36, 32, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    return path
+
+
+def _write_processor(path: Path, kind: str, resize: int, crop: int, mean: list, std: list) -> None:
+    processor = {"image_processor_type": kind, "do_resize": True, "size": {"shortest_edge": resize},
+                 "do_center_crop": True, "crop_size": {"height": crop, "width": crop}, "do_rescale": True,
+                 "rescale_factor": 1 / 255, "do_normalize": True, "resample": 3, "image_mean": mean,
+                 "image_std": std}
+    (path / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")

@@ -24,6 +24,7 @@ __all__ = [
     "nearest_tokens",
     "token_word",
     "fill_placeholder",
+    "check_placeholder_kept",
 ]
 
 
@@ -126,3 +127,18 @@ def fill_placeholder(prompt: str, placeholder: str, replacement: str) -> str:
             f"write it where the concept goes, e.g. 'a photo of {placeholder} on the beach'"
         )
     return prompt.replace(placeholder, replacement)
+
+
+def check_placeholder_kept(tokenizer, prompts: list[str], token_id: int, placeholder: str = "S*") -> None:
+    """Refuse a prompt (placeholder already replaced by the token) whose token falls past the
+    tokenizer's length: truncation would drop it silently and the concept would vanish."""
+    limit = tokenizer.model_max_length
+    for prompt in prompts:
+        full = tokenizer(prompt, truncation=False)["input_ids"]
+        kept = tokenizer(prompt, truncation=True, max_length=limit)["input_ids"]
+        if full.count(token_id) != kept.count(token_id):
+            raise DatencoderError(
+                f"the prompt is {len(full)} tokens long but the tokenizer keeps {limit} (special tokens "
+                f"included), which would cut the placeholder {placeholder}; shorten the prompt or put "
+                f"{placeholder} earlier"
+            )

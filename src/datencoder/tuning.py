@@ -2,11 +2,14 @@
 
 METHOD.md, "Tuning": the embedding v and the low-rank factors, initialised from the encoder,
 are optimised with Adam for N <= 12 steps on a batch of augmented copies of the image, with
-the dual path on. With 0 steps the result is exactly the encoder's prediction.
+the dual path on. With ``tune.tune_heads`` a copy of the encoder's embedding head and
+hypernetwork is tuned instead, on the image's fixed trunk features, and v and the factors are
+its output. With 0 steps the result is exactly the encoder's prediction.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import resource
 import time
@@ -41,22 +44,44 @@ def personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig | None =
     tune = tune or cfg.tune
     gen = torch.Generator().manual_seed(tune.seed)
     start = time.perf_counter()
-    pred = system.predict(pixels.unsqueeze(0), gen)
+    features = system.predict_features(pixels.unsqueeze(0), gen)
+    heads, h = None, None
+    with torch.no_grad():
+        if tune.tune_heads:
+            # a copy (only when there is something to tune): the shared encoder serves every other
+            # image unchanged
+            heads = copy.deepcopy(system.encoder) if tune.steps > 0 else system.encoder
+            h = heads.hidden(*features)  # [1, hidden]: the image's features stay fixed
+            pred = heads.heads(h)
+        else:
+            pred = system.encoder(*features)
     embedding = pred.embedding.detach().clone()  # [1, D]
     factors = {k: (A.detach().clone(), B.detach().clone()) for k, (A, B) in pred.factors.items()}
     predicted = time.perf_counter()
 
     if tune.steps > 0:
-        embedding.requires_grad_(tune.tune_embedding)
         groups = []
-        if tune.tune_embedding:
-            groups.append({"params": [embedding], "lr": tune.lr_embedding})
-        if tune.tune_lora and factors:
-            lora = [t.requires_grad_() for pair in factors.values() for t in pair]
-            groups.append({"params": lora, "lr": tune.lr_lora})
+        if heads is not None:
+            heads.requires_grad_(False)
+            if tune.tune_embedding:
+                groups.append({"params": list(heads.embedding_head.requires_grad_().parameters()),
+                               "lr": tune.lr_heads})
+            if tune.tune_lora:
+                groups.append({"params": list(heads.hypernetwork.requires_grad_().parameters()),
+                               "lr": tune.lr_heads})
+        else:
+            embedding.requires_grad_(tune.tune_embedding)
+            if tune.tune_embedding:
+                groups.append({"params": [embedding], "lr": tune.lr_embedding})
+            if tune.tune_lora and factors:
+                lora = [t.requires_grad_() for pair in factors.values() for t in pair]
+                groups.append({"params": lora, "lr": tune.lr_lora})
         optimizer = torch.optim.Adam(groups) if groups else None
         templates = cfg.data.templates
         for step in range(tune.steps):
+            if heads is not None:
+                out = heads.heads(h)
+                embedding, factors = out.embedding, out.factors
             views = augment_views(pixels, tune.batch_size, gen, cfg.data.hflip, cfg.data.scale_min)
             batch = system.objective.add_noise(system.encode_latents(views, gen), gen)
             picks = torch.randint(0, len(templates), (tune.batch_size,), generator=gen).tolist()
@@ -69,6 +94,10 @@ def personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig | None =
                 optimizer.step()
             if callback is not None:
                 callback(step, {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}})
+        if heads is not None:
+            with torch.no_grad():
+                out = heads.heads(h)
+            embedding, factors = out.embedding, out.factors
     done = time.perf_counter()
 
     hard_word = system.objective.hard_words(embedding.detach())[0]

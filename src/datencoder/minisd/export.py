@@ -25,7 +25,7 @@ def export_minisd(
     out_dir: Path,
     name: str = "minisd-emoji",
 ) -> Path:
-    """fp16 safetensors in vae/, unet/, scheduler/ plus datencoder_base.json.
+    """fp16 safetensors in vae/, unet/, scheduler/ plus datencoder_base.json (and README.txt in the package).
 
     Each part is written to a temporary folder beside ``out_dir`` and then swapped in, so a
     reader never sees half a part. Anything else in ``out_dir`` (e.g. the image tower that
@@ -57,4 +57,9 @@ def export_minisd(
         shutil.rmtree(old, ignore_errors=True)
     os.replace(tmp / "datencoder_base.json", out_dir / "datencoder_base.json")
     shutil.rmtree(tmp, ignore_errors=True)
+    if out_dir.resolve() == default_export_dir():
+        # How to load the shipped folder without datencoder (the code finds the installed package).
+        from ..export_base import assembly_readme
+
+        (out_dir / "README.txt").write_text(assembly_readme(name))
     return out_dir

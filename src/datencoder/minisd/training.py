@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class MiniTrainConfig:
-    work_dir: str = "/work/runs/minisd/stage"
+    work_dir: str = "runs/minisd/stage"
     steps: int = 1000
     max_minutes: float = 0.0
     """Stop (with a checkpoint) after this much training wall time, summed over resumes; 0: no limit."""

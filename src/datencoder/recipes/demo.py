@@ -7,6 +7,7 @@ prompts that move the concept to other backgrounds, positions and sizes.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from tqdm.auto import tqdm
 from ..errors import DatencoderError
 from ..image_io import image_to_tensor, load_image, make_grid, save_image_atomic
 from ..pipeline import ConceptPipeline
-from ..system import DEFAULT_ENCODER_DIR, EncoderSystem
+from ..checkpoints import check_output
+from ..config import check_seed
+from ..system import DEFAULT_ENCODER, DEFAULT_ENCODER_DIR, EncoderSystem
 from ..tuning import peak_memory_mb, personalize
 
 log = logging.getLogger("datencoder.demo")
@@ -37,7 +40,8 @@ def add_arguments(parser) -> None:
     names = sorted(p.stem for p in DEMO_DIR.glob("*.png"))
     parser.add_argument("--image", default="red_apple",
                         help=f"your own image, or a bundled one: {', '.join(names)} (default red_apple)")
-    parser.add_argument("--encoder", default=str(DEFAULT_ENCODER_DIR), help="encoder folder (default: embedded)")
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER,
+                        help=f"encoder folder, or the shipped {DEFAULT_ENCODER} (default)")
     parser.add_argument("--steps", type=int, default=12, help="tuning steps (default 12)")
     parser.add_argument("--sample-steps", type=int, default=25, help="denoising steps (default 25)")
     parser.add_argument("--guidance", type=float, default=7.5)
@@ -58,7 +62,11 @@ def _resolve_image(name: str) -> Path:
 def run(args) -> int:
     if args.steps < 0:
         raise DatencoderError(f"--steps must be >= 0, got {args.steps}")
-    encoder_dir = Path(args.encoder)
+    if not math.isfinite(args.guidance):
+        raise DatencoderError(f"--guidance must be a finite number, got {args.guidance}")
+    check_seed(args.seed, "--seed")
+    check_output(args.out, folder=False)
+    encoder_dir = DEFAULT_ENCODER_DIR if args.encoder == DEFAULT_ENCODER else Path(args.encoder)
     if not (encoder_dir / "encoder.json").exists():
         raise DatencoderError(
             f"no encoder at {encoder_dir}: the embedded encoder is not installed in this version; "

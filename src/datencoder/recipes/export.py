@@ -1,7 +1,9 @@
-"""``datencoder export CONCEPT_DIR --format diffusers --out DIR``: a concept for stock diffusers.
+"""``datencoder export CONCEPT_DIR --format diffusers|kohya --out DIR``: a concept for other tools.
 
-Writes a single-path LoRA (diffusers ``save_lora_weights`` format) and a textual-inversion
-embedding, plus README.txt with the loading code. See ``datencoder.export``.
+``diffusers`` writes a single-path LoRA (diffusers ``save_lora_weights`` format) and a
+textual-inversion embedding; ``kohya`` writes the LoRA in the kohya key layout and the embedding in
+the A1111 layout (AUTOMATIC1111, ComfyUI). Both add README.txt with the loading code. See
+``datencoder.export`` and ``datencoder.export_kohya``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("concept", metavar="CONCEPT_DIR", help="folder written by 'datencoder personalize'")
-    parser.add_argument("--format", default="diffusers", help="export format (default: diffusers)")
+    parser.add_argument("--format", default="diffusers", help="diffusers (stock diffusers) or kohya (AUTOMATIC1111 / ComfyUI); default: diffusers")
     parser.add_argument("--out", required=True, help="output folder")
 
 
@@ -25,5 +27,5 @@ def run(args: argparse.Namespace) -> int:
     concept = Concept.load(args.concept)
     out = export_concept(concept, args.out, args.format)
     print(f"exported {args.concept} ({len(concept.factors)} LoRA layers, token {concept.token}) to {out}")
-    print(f"load it with diffusers as shown in {out / 'README.txt'} (single path: dual path is not exported)")
+    print(f"load it as shown in {out / 'README.txt'} (single path: dual path is not exported)")
     return 0

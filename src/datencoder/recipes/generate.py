@@ -2,8 +2,11 @@
 
 With a concept folder the prompt must contain its placeholder (S*) and the base model is the one
 recorded in the concept (or ``--base``); with a prompt only it is plain generation on the base
-model (default: the embedded ``minisd-emoji``). Writes ``000.png``, ``001.png``, ... and a
-labelled ``grid.png`` atomically, plus ``generation.json`` with the exact settings.
+model (default: the embedded ``minisd-emoji``). Writes ``000.png``, ``001.png``, ... batch by batch
+(``--batch-size``), a labelled ``grid.png`` of the first 64, and ``generation.json`` with the exact
+settings, all atomically. A rerun into the same ``--out`` first removes the files of the earlier
+run (only those: ``NNN.png``, ``grid.png``, ``generation.json``); a folder holding such files
+without a ``generation.json`` is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default=None, metavar="PATH_OR_ID",
                         help=f"base model (default: the concept's, or {DEFAULT_BASE} without a concept)")
     parser.add_argument("--num-images", type=int, default=4, help="images to generate (default 4)")
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="images sampled at once (default 4); each batch is written as soon as it is done")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
@@ -37,6 +42,25 @@ def slug(text: str, limit: int = 60) -> str:
     return name[:limit].rstrip("-") or "prompt"
 
 
+GRID_MAX = 64
+"""grid.png shows at most the first 64 images (all of them stay in memory until it is drawn)."""
+_OURS = re.compile(r"^(\d{3,}\.png|grid\.png|generation\.json)$")
+
+
+def _previous_outputs(out: Path) -> list[Path]:
+    """Files an earlier ``generate`` wrote in ``out`` (removed before writing, so no stale image
+    stays beside new ones); image-like files there without its generation.json are refused."""
+    from ..errors import DatencoderError
+
+    if not out.is_dir():
+        return []
+    ours = [p for p in out.iterdir() if p.is_file() and _OURS.match(p.name)]
+    if ours and not (out / "generation.json").is_file():
+        raise DatencoderError(f"{out} holds {ours[0].name} not written by 'datencoder generate'; "
+                              "choose another --out")
+    return ours
+
+
 def _split_inputs(inputs: list[str]) -> tuple[str | None, str]:
     from ..errors import DatencoderError
 
@@ -48,11 +72,13 @@ def _split_inputs(inputs: list[str]) -> tuple[str | None, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from tqdm.auto import tqdm
 
     from ..base import load_base
-    from ..checkpoints import write_json_atomic
+    from ..checkpoints import check_output, write_json_atomic
     from ..concept import Concept
+    from ..config import check_seed
     from ..errors import DatencoderError
     from ..image_io import make_grid, save_image_atomic
     from ..pipeline import SCHEDULERS, ConceptPipeline
@@ -60,8 +86,13 @@ def run(args: argparse.Namespace) -> int:
     concept_dir, prompt = _split_inputs(args.inputs)
     if args.scheduler not in SCHEDULERS:
         raise DatencoderError(f"unknown scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    if args.num_images < 1 or args.steps < 1:
-        raise DatencoderError("--num-images and --steps must be at least 1")
+    if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
+        raise DatencoderError("--num-images, --steps and --batch-size must be at least 1")
+    if not math.isfinite(args.guidance):
+        raise DatencoderError(f"--guidance must be a finite number, got {args.guidance}")
+    check_seed(args.seed, "--seed")
+    out = check_output(Path(args.out) if args.out else Path("outputs") / slug(prompt))
+    stale = _previous_outputs(out)
     concept = None
     if concept_dir is not None:
         concept = Concept.load(concept_dir)
@@ -72,25 +103,37 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     base = load_base(base_name, with_image_tower=False)
     pipe = ConceptPipeline(base, concept, args.scheduler)  # refuses a concept made for another base
+    pipe.check(prompt, args.num_images, args.steps, args.guidance, args.seed)  # --steps 5000, a cut S*
     load_s = time.perf_counter() - t0
 
-    out = Path(args.out) if args.out else Path("outputs") / slug(prompt)
-    t1 = time.perf_counter()
-    with tqdm(total=args.steps, desc="sampling", unit="step") as bar:
-        images = pipe(prompt, num_images=args.num_images, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance, seed=args.seed, dual_path=not args.no_dual_path,
-                      callback=lambda i, total: bar.update(1))
-    sample_s = time.perf_counter() - t1
-
-    for i, image in enumerate(images):
-        save_image_atomic(image, out / f"{i:03d}.png")
-    labels = [f"{i:03d}" for i in range(len(images))]  # = the file names; settings in generation.json
-    save_image_atomic(make_grid(images, cols=math.ceil(math.sqrt(len(images))), labels=labels), out / "grid.png")
-    write_json_atomic(out / "generation.json", {
+    for path in stale:
+        path.unlink()
+    settings = {
         "prompt": prompt, "concept": concept_dir, "base": {"name": base.name, "fingerprint": base.fingerprint},
         "num_images": args.num_images, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
         "scheduler": args.scheduler, "dual_path": concept is not None and not args.no_dual_path,
-    })
-    print(f"load {load_s:.2f} s, sampling {sample_s:.2f} s ({args.steps} steps x {len(images)} images)")
-    print(f"wrote {len(images)} images and grid.png to {out}")
+    }
+    write_json_atomic(out / "generation.json", {**settings, "complete": False})  # marks the folder as ours
+    # One generator for all batches: the noise stream continues, so the images do not depend on
+    # --batch-size beyond float rounding (CPU draws; tests/test_edges.py).
+    generator = torch.Generator().manual_seed(args.seed)
+    grid_images = []
+    t1 = time.perf_counter()
+    with tqdm(total=args.steps * math.ceil(args.num_images / args.batch_size), desc="sampling", unit="step") as bar:
+        for first in range(0, args.num_images, args.batch_size):
+            count = min(args.batch_size, args.num_images - first)
+            images = pipe(prompt, num_images=count, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                          seed=None, generator=generator, dual_path=not args.no_dual_path,
+                          callback=lambda i, total: bar.update(1))
+            for i, image in enumerate(images, first):
+                save_image_atomic(image, out / f"{i:03d}.png")
+            grid_images += images[: max(0, GRID_MAX - len(grid_images))]
+    sample_s = time.perf_counter() - t1
+
+    labels = [f"{i:03d}" for i in range(len(grid_images))]  # = the file names; settings in generation.json
+    cols = math.ceil(math.sqrt(len(grid_images)))
+    save_image_atomic(make_grid(grid_images, cols=cols, labels=labels), out / "grid.png")
+    write_json_atomic(out / "generation.json", {**settings, "complete": True})
+    print(f"load {load_s:.2f} s, sampling {sample_s:.2f} s ({args.steps} steps x {args.num_images} images)")
+    print(f"wrote {args.num_images} images and grid.png to {out}")
     return 0

@@ -44,7 +44,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 @dataclass
 class TowerDataConfig:
-    root: str = "/work/data/emoji"
+    root: str = "data/emoji"
     eval_rows: int = 512
     """Train-split rows kept out of training, for caption->image retrieval."""
     eval_batch: int = 256
@@ -56,7 +56,7 @@ class TowerStageConfig:
     model: TowerArch = field(default_factory=TowerArch)
     data: TowerDataConfig = field(default_factory=TowerDataConfig)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(blur_prob=0.1, noise_std=0.02))
-    train: MiniTrainConfig = field(default_factory=lambda: MiniTrainConfig(work_dir="/work/runs/minisd/tower", threads=1))
+    train: MiniTrainConfig = field(default_factory=lambda: MiniTrainConfig(work_dir="runs/minisd/tower", threads=1))
     init_temperature: float = 0.07
     export_dir: str = ""
     """Empty: the package's assets/minisd-emoji/image_tower."""
@@ -64,7 +64,7 @@ class TowerStageConfig:
 
 @dataclass
 class EvaluatorDataConfig:
-    root: str = "/work/data/emoji"
+    root: str = "data/emoji"
     val_index: int = 3
     """Composition index of every (concept, style) held out as the evaluator's validation set."""
 
@@ -74,7 +74,7 @@ class EvaluatorStageConfig:
     model: EvaluatorArch = field(default_factory=EvaluatorArch)
     data: EvaluatorDataConfig = field(default_factory=EvaluatorDataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    train: MiniTrainConfig = field(default_factory=lambda: MiniTrainConfig(work_dir="/work/runs/minisd/evaluator", threads=1))
+    train: MiniTrainConfig = field(default_factory=lambda: MiniTrainConfig(work_dir="runs/minisd/evaluator", threads=1))
     head_weights: dict[str, float] = field(default_factory=lambda: {h: 1.0 for h in HEADS})
     label_smoothing: float = 0.1
     imprint_compositions: int = 3

@@ -1,4 +1,4 @@
-"""``datencoder personalize IMAGE [key=value ...] --encoder DIR --out CONCEPT_DIR``.
+"""``datencoder personalize IMAGE [key=value ...] [--encoder DIR] --out CONCEPT_DIR [--overwrite]``.
 
 Setup (image, encoder, base), the encoder's prediction plus a short tuning on the one image
 (``datencoder.tuning.personalize``), then the concept artifact written atomically. Prints the
@@ -16,8 +16,10 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", metavar="IMAGE", help="the one image of the concept (PNG, JPEG, WebP)")
-    parser.add_argument("--encoder", required=True, metavar="DIR", help="folder of a pre-trained encoder")
+    parser.add_argument("--encoder", default="minisd-emoji-encoder", metavar="DIR_OR_NAME",
+                        help="folder of a pre-trained encoder, or the shipped minisd-emoji-encoder (default)")
     parser.add_argument("--out", required=True, metavar="CONCEPT_DIR", help="folder to write the concept to")
+    parser.add_argument("--overwrite", action="store_true", help="replace a concept already in --out")
     parser.add_argument("--steps", type=int, default=None,
                         help="tuning steps (default: the encoder's tune.steps, 12); 0 = encoder prediction only")
     parser.add_argument("--seed", type=int, default=0, help="seed of noise and augmentations (default 0)")
@@ -43,8 +45,18 @@ def _overrides(args: argparse.Namespace) -> dict:
         tune["steps"] = args.steps
     if args.no_dual_path:
         data.setdefault("dual_path", {})["enabled"] = False
-    from_dict(Config, data)  # unknown keys, wrong types, --steps -1: one-line errors before any loading
+    from_dict(Config, data)  # unknown keys, wrong types, --steps -1, --seed 2**63: one-line errors up front
     return data
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """--out must be writable, and an existing concept is replaced only on request."""
+    from ..checkpoints import check_output
+    from ..errors import DatencoderError
+
+    out = check_output(args.out)
+    if not args.overwrite and any((out / name).exists() for name in ("concept.json", "concept.safetensors")):
+        raise DatencoderError(f"{out} already holds a concept; pass --overwrite to replace it or choose another --out")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,22 +64,20 @@ def run(args: argparse.Namespace) -> int:
 
     from ..base import load_base
     from ..checkpoints import read_json
-    from ..errors import DatencoderError
     from ..image_io import image_to_tensor, load_image
-    from ..system import EncoderSystem
+    from ..system import EncoderSystem, resolve_encoder
     from ..tuning import personalize
 
     overrides = _overrides(args)
+    _check_out(args)
     t0 = time.perf_counter()
     image = load_image(args.image)
-    if not Path(args.encoder).is_dir():
-        raise DatencoderError(f"encoder folder {args.encoder} not found; pass --encoder a folder written by "
-                              "'datencoder pretrain'")
+    encoder_dir = resolve_encoder(args.encoder)
     base = None
     if args.base is not None:
-        tower = read_json(f"{args.encoder}/encoder.json", "encoder").get("config", {}).get("model", {}).get("image_tower")
+        tower = read_json(encoder_dir / "encoder.json", "encoder").get("config", {}).get("model", {}).get("image_tower")
         base = load_base(args.base, tower)
-    system = EncoderSystem.load(args.encoder, base, overrides)
+    system = EncoderSystem.load(encoder_dir, base, overrides)
     pixels = image_to_tensor(image, system.base.resolution)  # [3, H, W] in [-1, 1]
     load_s = time.perf_counter() - t0
 
@@ -78,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             bar.update(1)
 
         concept = personalize(system, pixels, callback=on_step,
-                              info={"image": str(args.image), "encoder": str(args.encoder)})
+                              info={"image": str(Path(args.image).resolve()), "encoder": str(encoder_dir.resolve())})
     t1 = time.perf_counter()
     concept.save(args.out)
     save_s = time.perf_counter() - t1

@@ -7,7 +7,8 @@ is image ``perm(seed, epoch = k // N)[k % N]`` with augmentation and template dr
 generator seeded by (seed, k). The noise, timesteps and negatives come from one generator per
 process whose state is checkpointed, so ``--resume`` continues bit-identically.
 
-Output folder: ``log.jsonl``, ``checkpoint/`` (encoder + AdamW + scheduler tensors in safetensors,
+Output folder: ``log.jsonl`` (loss terms, and ``health_distinct_nearest`` / ``health_top_word_share``
+of the window's predicted embeddings, so an encoder collapse shows while it happens), ``checkpoint/`` (encoder + AdamW + scheduler tensors in safetensors,
 step/position/RNG states in JSON, swapped in atomically), ``samples/step_XXXXXX.png`` and the
 final ``encoder/`` (``EncoderSystem.save``, with the resolved config).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -32,15 +34,17 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..base import load_base
-from ..checkpoints import load_tensors, read_json, save_tensors_atomic, write_json_atomic
+from ..base import DEFAULT_BASE, load_base
+from ..checkpoints import check_output, load_tensors, read_json, save_tensors_atomic, write_json_atomic
 from ..config import Config, TrainConfig, load_config, to_dict
 from ..data.folder import ImageFolderDataset
 from ..errors import DatencoderError
+from ..health import nearest_word_stats
 from ..image_io import make_grid, save_image_atomic
 from ..minisd.checkpoint import load_optimizer_tensors, optimizer_tensors
 from ..pipeline import ConceptPipeline
 from ..system import EncoderSystem
+from ..tokens import nearest_tokens
 from ..tuning import personalize
 
 __all__ = ["add_arguments", "run", "train", "TrainResult", "lr_factor"]
@@ -238,9 +242,34 @@ def _trim_log(path: Path, step: int) -> None:
         os.replace(tmp, path)
 
 
+def _accelerator(tc: TrainConfig):
+    """The Accelerator, refusing a launch whose processes would each train alone.
+
+    ``accelerate launch --multi_gpu --num_processes N`` without N GPUs starts N processes that each
+    see one process (WORLD_SIZE=N, num_processes=1): N independent trainings writing one folder.
+    """
+    from accelerate import Accelerator
+
+    try:
+        accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum)
+    except (ValueError, RuntimeError) as err:  # e.g. WORLD_SIZE set without MASTER_ADDR
+        line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DatencoderError(f"could not start the distributed run ({line}); {_LAUNCH_HINT}") from None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != accelerator.num_processes:
+        raise DatencoderError(
+            f"launched as {world} processes (WORLD_SIZE={world}) but accelerate runs each alone "
+            f"(num_processes={accelerator.num_processes}, {accelerator.distributed_type.value}): they would train "
+            f"independently into one output folder; {_LAUNCH_HINT}")
+    return accelerator
+
+
+_LAUNCH_HINT = ("on N GPUs use 'accelerate launch --multi_gpu --num_processes N', on CPUs "
+                "'ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N' (docs/commands.md)")
+
+
 def train(cfg: Config, resume: bool = False, max_steps: int | None = None) -> TrainResult:
     """Pre-train (or continue) the encoder described by ``cfg``; returns the run's summary."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     tc = cfg.train
@@ -257,8 +286,13 @@ def train(cfg: Config, resume: bool = False, max_steps: int | None = None) -> Tr
     ckpt_dir = _checkpoint_dir(out) if resume else None
     if resume and ckpt_dir is None:
         raise DatencoderError(f"no checkpoint in {out}/checkpoint; run without --resume first")
+    check_output(out, "train.output_dir")
+    for key in ("pretrained", "image_tower"):  # the saved encoder must not depend on the working directory
+        value = getattr(cfg.model, key)
+        if value and value != DEFAULT_BASE and Path(value).expanduser().is_dir():
+            setattr(cfg.model, key, str(Path(value).expanduser().resolve()))
 
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum)
+    accelerator = _accelerator(tc)
     set_seed(tc.seed)  # encoder initialisation
     d = cfg.data  # scanned first: a bad data path fails before a large model is loaded
     dataset = ImageFolderDataset(d.root, d.resolution, d.templates, d.extensions, d.manifest, d.splits,
@@ -282,10 +316,13 @@ def train(cfg: Config, resume: bool = False, max_steps: int | None = None) -> Tr
         step, position, epoch, loss_value = meta["step"], meta["position"], meta["epoch"], meta["loss"]
         log.info("resumed from %s at step %d", ckpt_dir, step)
     per_step = tc.batch_size * tc.grad_accum * accelerator.num_processes
+    sampler = _ShardPositions(position, tc.batch_size, tc.grad_accum, accelerator.num_processes,
+                              accelerator.process_index)
+    first = list(itertools.islice(iter(sampler), tc.batch_size * tc.grad_accum))
+    log.info("process %d/%d reads stream positions %s at step %d", accelerator.process_index,
+             accelerator.num_processes, first, step + 1)
     loader = torch.utils.data.DataLoader(
-        _Stream(dataset, tc.seed), batch_size=tc.batch_size, num_workers=d.num_workers,
-        sampler=_ShardPositions(position, tc.batch_size, tc.grad_accum, accelerator.num_processes,
-                                accelerator.process_index))
+        _Stream(dataset, tc.seed), batch_size=tc.batch_size, num_workers=d.num_workers, sampler=sampler)
     batches = iter(loader)
 
     log_path = out / "log.jsonl"
@@ -295,7 +332,7 @@ def train(cfg: Config, resume: bool = False, max_steps: int | None = None) -> Tr
     stop = tc.steps if max_steps is None else min(tc.steps, step + max_steps)
     bar = tqdm(total=tc.steps, initial=step, desc="pretrain", disable=not accelerator.is_local_main_process)
     start_step, start_time = step, time.perf_counter()
-    window = {"time": start_time, "terms": {}, "n": 0}
+    window = {"time": start_time, "terms": {}, "n": 0, "nearest": []}
     encoder.train()
     while step < stop:
         terms_sum: dict[str, float] = {}
@@ -303,7 +340,9 @@ def train(cfg: Config, resume: bool = False, max_steps: int | None = None) -> Tr
             pixels, prompts = next(batches)
             with accelerator.accumulate(encoder):
                 with accelerator.autocast():
-                    terms = system.training_terms(pixels.to(accelerator.device), list(prompts), generator)
+                    terms, pred = system.training_step(pixels.to(accelerator.device), list(prompts), generator)
+                # collapse watch: the nearest real word of every prediction in the log window
+                window["nearest"] += nearest_tokens(pred.embedding.detach(), system.vocab_table, 1)[0][:, 0].tolist()
                 loss = sum(terms.values())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tc.max_grad_norm > 0:
@@ -330,11 +369,13 @@ def train(cfg: Config, resume: bool = False, max_steps: int | None = None) -> Tr
             now = time.perf_counter()
             row = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                    "loss": sum(means), **dict(zip(names, means)),
-                   "s_per_step": (now - window["time"]) / window["n"]}
+                   "s_per_step": (now - window["time"]) / window["n"],
+                   # this process's predictions since the last row (a collapse: few words, one dominant)
+                   **{f"health_{k}": v for k, v in nearest_word_stats(window["nearest"]).items()}}
             if accelerator.is_main_process:
                 with log_path.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
-            window = {"time": now, "terms": {}, "n": 0}
+            window = {"time": now, "terms": {}, "n": 0, "nearest": []}
         if tc.sample_every > 0 and step % tc.sample_every == 0 and accelerator.is_main_process:
             system.encoder = accelerator.unwrap_model(encoder).eval()
             _sample_grid(system, dataset, cfg, out / "samples" / f"step_{step:06d}.png")

@@ -1,0 +1,152 @@
+"""Is the encoder healthy on concepts it never saw? Nearest words of its predictions on held-out images.
+
+For each encoder: predict the embedding of S* for every held-out image (exactly the prediction
+``datencoder personalize`` starts from: one image, tune.seed's generator) and report the number of
+distinct nearest words, the share of the most common one (target: no word for more than 10 % of the
+inputs), the mean pairwise cosine of the embeddings, and how often one of the 5 nearest words names
+the concept or its category (the paper's "more semantic tokens"). Writes a markdown table and the
+per-image words as JSON.
+
+    python benchmarks/encoder_health.py [--encoder DIR ...] [--manifest /work/data/emoji/manifest.jsonl]
+        [--split heldout_concept] [--images source|file] [--out docs/encoder_health.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from datencoder.checkpoints import write_json_atomic, write_text_atomic  # noqa: E402
+from datencoder.health import embedding_health  # noqa: E402
+from datencoder.image_io import image_to_tensor, load_image  # noqa: E402
+from datencoder.system import DEFAULT_ENCODER_DIR, EncoderSystem  # noqa: E402
+from datencoder.tokens import nearest_tokens, token_word  # noqa: E402
+
+_STOP = {"and", "with", "the", "for", "of", "on", "in", "at", "to", "from", "face", "other"}
+"""Words too generic to count as naming a concept ("face" would credit every smiley)."""
+
+
+def concept_words(row: dict) -> set[str]:
+    """Lowercase words of the concept's name, category and subcategory, with simple plural forms."""
+    text = " ".join([row["name"], row["category"], row.get("subcategory", "")]).lower()
+    words = {w for w in re.findall(r"[a-z]+", text) if len(w) >= 3 and w not in _STOP}
+    return words | {w + "s" for w in words} | {w[:-1] for w in words if w.endswith("s")}
+
+
+def held_out_rows(manifest: Path, split: str, key: str, seed: int = 0) -> list[dict]:
+    """One row per held-out concept, its style chosen by a seeded hash (all styles appear)."""
+    by_concept: dict[str, list[dict]] = {}
+    for line in manifest.read_text().splitlines():
+        row = json.loads(line)
+        if row["split"] == split:
+            by_concept.setdefault(row["concept"], []).append(row)
+    chosen = []
+    for concept, rows in sorted(by_concept.items()):
+        rows = sorted({r[key]: r for r in rows}.values(), key=lambda r: r[key])
+        pick = int(hashlib.sha256(f"{seed}:{concept}".encode()).hexdigest(), 16) % len(rows)
+        chosen.append(rows[pick])
+    return chosen
+
+
+@torch.no_grad()
+def measure(encoder_dir: Path, rows: list[dict], root: Path, key: str) -> tuple[dict, list[dict]]:
+    system = EncoderSystem.load(encoder_dir)
+    system.encoder.eval()
+    embeddings = []
+    for row in rows:
+        pixels = image_to_tensor(load_image(root / row[key]), system.base.resolution)
+        gen = torch.Generator().manual_seed(system.cfg.tune.seed)  # as personalize's prediction
+        embeddings.append(system.predict(pixels.unsqueeze(0), gen).embedding[0])
+    embeddings = torch.stack(embeddings)  # [N, D]
+
+    def word_of(j: int) -> str:
+        return token_word(system.base.tokenizer, system.vocab_ids[j])
+
+    words = [concept_words(r) for r in rows]
+    health = embedding_health(embeddings, system.vocab_table, word_of, words, k=5)
+    index, _ = nearest_tokens(embeddings, system.vocab_table, 5)
+    per_image = [{"image": r[key], "concept": r["name"], "category": r["category"],
+                  "nearest": [word_of(j) for j in idx]} for r, idx in zip(rows, index.tolist())]
+    meta = json.loads((encoder_dir / "encoder.json").read_text())
+    health.update(encoder=str(encoder_dir), base=meta["base"], contrastive_weight=meta["config"]["loss"]
+                  ["contrastive_weight"], steps=meta.get("info", {}).get("step"), vocabulary=len(system.vocab_ids))
+    return health, per_image
+
+
+def markdown(results: list[dict], command: str, setup: str) -> str:
+    lines = ["# Encoder health on held-out concepts", "",
+             "Nearest real words of the encoder's predicted S* embeddings (the prediction `datencoder personalize` "
+             "starts from) on images of concepts no training path saw. Target (issue 11): no single nearest word "
+             "for more than 10 % of the inputs.", "", f"Command: `{command}`", "", setup, "",
+             "| encoder | steps | contrastive | inputs | distinct nearest words | top word (share) | "
+             "mean pairwise cosine | a top-5 word names the concept or category | target met |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| `{r['encoder']}` | {r['steps']} | {r['contrastive_weight']} | {r['inputs']} | "
+                     f"{r['distinct_nearest']} | {r['top_word']} ({100 * r['top_word_share']:.1f} %) | "
+                     f"{r['mean_pairwise_cosine']:.3f} | {100 * r['semantic_top5']:.1f} % | "
+                     f"{'yes' if r['top_word_share'] <= 0.10 else 'no'} |")
+    lines += ["", "Most common nearest words (count):", ""]
+    for r in results:
+        lines.append(f"- `{r['encoder']}`: " + ", ".join(f"{w} ({c})" for w, c in r["most_common"]))
+    lines += ["", "Concept words: the lowercase words (3+ letters) of the emoji's name, category and subcategory, "
+              "with simple plural forms, without `and`, `with`, `face`, ...; per-image nearest words are in "
+              "the JSON file next to this one. Pre-training logs the same collapse signal while it runs: "
+              "`health_distinct_nearest` and `health_top_word_share` of the predictions of each log window, "
+              "in `log.jsonl`."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--encoder", action="append", default=None,
+                        help="encoder folder (repeatable); default: the shipped one")
+    parser.add_argument("--manifest", default="/work/data/emoji/manifest.jsonl")
+    parser.add_argument("--split", default="heldout_concept")
+    parser.add_argument("--images", choices=("source", "file"), default="source",
+                        help="source: the clean render (a user's one image); file: a composed training-style image")
+    parser.add_argument("--out", default="docs/encoder_health.md")
+    args = parser.parse_args(argv)
+    manifest = Path(args.manifest)
+    if not manifest.is_file():
+        print(f"error: no manifest at {manifest}", file=sys.stderr)
+        return 2
+    rows = held_out_rows(manifest, args.split, args.images)
+    if len(rows) < 100:
+        print(f"warning: only {len(rows)} held-out images", file=sys.stderr)
+    results, images = [], {}
+    start = time.perf_counter()
+    for enc in args.encoder or [str(DEFAULT_ENCODER_DIR)]:
+        health, per_image = measure(Path(enc), rows, manifest.parent, args.images)
+        print(json.dumps({k: v for k, v in health.items() if k != "most_common"}))
+        results.append(health)
+        images[enc] = per_image
+    shipped = str(DEFAULT_ENCODER_DIR)
+    for r in results:  # the doc names the shipped encoder by its package path, not this machine's
+        r["encoder"] = r["encoder"].replace(str(Path(shipped).parents[1]) + "/", "src/datencoder/")
+    setup = (f"{time.strftime('%Y-%m-%d')}, {platform.machine()} CPU ({os.cpu_count()} cores, shared with other jobs), "
+             f"no GPU, torch threads {torch.get_num_threads()}; {len(rows)} images of split `{args.split}` "
+             f"({args.images} images, one per concept, style by seeded hash); "
+             f"{time.perf_counter() - start:.0f} s in all.")
+    command = "python " + " ".join(["benchmarks/encoder_health.py", *(argv if argv is not None else sys.argv[1:])])
+    out = Path(args.out)
+    write_text_atomic(out, markdown(results, command, setup))
+    write_json_atomic(out.with_suffix(".json"), {"command": command, "setup": setup, "results": results,
+                                                 "images": images})
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The encoder's own health: do its predicted embeddings stay diverse and semantic?
+
+An encoder can collapse: every image gets (nearly) the same word embedding, so its nearest real
+word is the same for all inputs and the hard path of the dual path always says that word. These
+numbers make a collapse visible, and test the paper's claim that the contrastive regulariser makes
+the learned tokens "more semantic" (METHOD.md):
+
+- distinct nearest words, and the share of the most common one (a healthy encoder: no single word
+  for more than a small share of the inputs);
+- the mean pairwise cosine of the embeddings (near 1: all alike);
+- with the words that name each input's concept or category: how often one of the k nearest
+  words is one of them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .tokens import nearest_tokens
+
+__all__ = ["embedding_health", "nearest_word_stats"]
+
+
+def nearest_word_stats(nearest: Sequence[int]) -> dict[str, float]:
+    """Cheap collapse signal of nearest-word indices: {distinct_nearest, top_word_share}."""
+    counts = Counter(int(i) for i in nearest)
+    if not counts:
+        return {"distinct_nearest": 0, "top_word_share": 0.0}
+    return {"distinct_nearest": len(counts), "top_word_share": counts.most_common(1)[0][1] / len(nearest)}
+
+
+def _mean_pairwise_cosine(embeddings: Tensor) -> float:
+    n = embeddings.shape[0]
+    if n < 2:
+        return 1.0
+    unit = F.normalize(embeddings.float(), dim=-1)
+    cos = unit @ unit.T  # [N, N]
+    return float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1)))
+
+
+@torch.no_grad()
+def embedding_health(embeddings: Tensor, table: Tensor, word_of: Callable[[int], str],
+                     concept_words: Sequence[set[str]] | None = None, k: int = 5,
+                     most_common: int = 10) -> dict:
+    """Health numbers of predicted embeddings [N, D] against the real-word table [V, D].
+
+    ``word_of(j)`` is the word of table row j; ``concept_words[i]`` the (lowercase) words naming
+    input i's concept or category. Returns distinct_nearest, top_word, top_word_share,
+    mean_pairwise_cosine, most_common ([[word, count], ...]) and, with ``concept_words``,
+    semantic_top{k}: the share of inputs with one of those words among their k nearest words.
+    """
+    if concept_words is not None and len(concept_words) != embeddings.shape[0]:
+        raise ValueError(f"{len(concept_words)} word sets for {embeddings.shape[0]} embeddings")
+    index, _ = nearest_tokens(embeddings, table.to(embeddings.device), min(k, table.shape[0]))  # [N, k]
+    first = index[:, 0].tolist()
+    counts = Counter(first)
+    words = {j: word_of(j) for j in set(index.flatten().tolist())}
+    result = {"inputs": len(first), **nearest_word_stats(first),
+              "top_word": words[counts.most_common(1)[0][0]],
+              "mean_pairwise_cosine": round(_mean_pairwise_cosine(embeddings), 5),
+              "most_common": [[words[j], c] for j, c in counts.most_common(most_common)]}
+    if concept_words is not None:
+        hits = [any(words[j].lower() in concept_words[i] for j in row) for i, row in enumerate(index.tolist())]
+        result[f"semantic_top{k}"] = sum(hits) / len(hits)
+    return result

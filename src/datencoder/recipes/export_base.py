@@ -1,0 +1,28 @@
+"""``datencoder export-base [BASE] --out DIR``: a base model as a complete diffusers pipeline folder.
+
+For bases that borrow parts from a Python package (the embedded ``minisd-emoji`` borrows its
+MiniLM text encoder): the folder holds every part, so stock ``StableDiffusionPipeline.from_pretrained``
+loads it as is. See ``datencoder.export_base``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("base", nargs="?", default="minisd-emoji", metavar="BASE",
+                        help="base model name or folder (default: minisd-emoji)")
+    parser.add_argument("--out", required=True, help="output folder (new, or an earlier export-base folder)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..base import load_base
+    from ..export_base import check_export_dir, export_base
+
+    check_export_dir(args.out)  # before loading anything
+    base = load_base(args.base, with_image_tower=False)
+    out = export_base(base, args.out)
+    print(f"wrote base model {args.base} (fingerprint {base.fingerprint}) to {out}")
+    print(f"load it with StableDiffusionPipeline.from_pretrained({str(out)!r}); see {out / 'README.txt'}")
+    return 0
