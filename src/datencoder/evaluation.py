@@ -471,8 +471,10 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
     unknown = sorted(set(methods or []) - {m.name for m in cfg.methods})
     if unknown:
         raise DatencoderError(f"unknown method(s) {unknown}; the config has {[m.name for m in cfg.methods]}")
+    from .system import encoder_path
+
     missing = [f"{m.name} ({m.encoder})" for m in chosen
-               if m.kind == "ours" and not Path(m.encoder, "encoder.json").is_file()]
+               if m.kind == "ours" and not (encoder_path(m.encoder) / "encoder.json").is_file()]
     if missing:  # fail before hours of baselines, not when the first encoder method comes up
         raise DatencoderError(f"no pre-trained encoder for {', '.join(missing)}; pre-train them "
                               "(docs/evaluation.md) or leave them out with --methods")

@@ -22,7 +22,7 @@ from .encoder import EncoderOutput, TuningEncoder, target_layer_shapes
 from .features import FeatureExtractor
 from .objective import NoisyLatents, Objective
 
-__all__ = ["EncoderSystem", "prepare_base", "resolve_encoder", "DEFAULT_ENCODER", "DEFAULT_ENCODER_DIR"]
+__all__ = ["EncoderSystem", "prepare_base", "encoder_path", "resolve_encoder", "DEFAULT_ENCODER", "DEFAULT_ENCODER_DIR"]
 
 KIND = "encoder"
 DEFAULT_ENCODER = "minisd-emoji-encoder"
@@ -31,11 +31,16 @@ DEFAULT_ENCODER_DIR = Path(__file__).resolve().parent / "assets" / DEFAULT_ENCOD
 """The encoder pre-trained on the embedded default base model, shipped in the package."""
 
 
+def encoder_path(name: str | Path) -> Path:
+    """The folder an encoder name stands for: the shipped encoder's name, or a folder."""
+    return DEFAULT_ENCODER_DIR if str(name) == DEFAULT_ENCODER else Path(name).expanduser()
+
+
 def resolve_encoder(name: str | Path) -> Path:
     """The folder of an encoder given by folder or by the shipped name; one-line error if absent."""
     from .errors import DatencoderError
 
-    path = DEFAULT_ENCODER_DIR if str(name) == DEFAULT_ENCODER else Path(name).expanduser()
+    path = encoder_path(name)
     if not path.is_dir():
         raise DatencoderError(f"encoder folder {name} not found; pass --encoder a folder written by "
                               f"'datencoder pretrain' or the shipped '{DEFAULT_ENCODER}'")
