@@ -33,4 +33,16 @@ def tiny_clip_base_dir(tmp_path_factory):
     """Tiny SD-family model with a CLIP text encoder (like Stable Diffusion 1.x)."""
     return build_tiny_base(tmp_path_factory.mktemp("tiny") / "clip-base", seed=0, text_encoder="clip")
 
+
+@pytest.fixture(scope="session")
+def tiny_sd2_base_dir(tmp_path_factory):
+    """Tiny SD 2.x-like model: v-prediction, linear attention projections, GELU CLIP text."""
+    return build_tiny_base(tmp_path_factory.mktemp("tiny") / "sd2-base", seed=0, family="sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_base_dir(tmp_path_factory):
+    """Tiny SDXL-shaped model: two CLIP text encoders, the text_time added embedding."""
+    return build_tiny_base(tmp_path_factory.mktemp("tiny") / "sdxl-base", seed=0, family="sdxl")
+
 # --- Fixtures added by the method modules go below. ---

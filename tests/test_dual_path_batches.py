@@ -3,7 +3,9 @@
 During tuning one embedding (N = 1) serves a batch of B augmented views with different prompt
 templates. Every row must see its own hard prompt. The tiny bases keep the real sequence lengths
 (32 for the MiniLM default, 77 for CLIP) and B = 3 divides neither, so a reshape that folded one
-prompt's tokens into several rows would fail loudly instead of passing silently.
+prompt's tokens into several rows would fail loudly instead of passing silently. Every family is
+covered: SD 1.x (BERT and CLIP text), SD 2.x (v-prediction) and SDXL (two text encoders, pooled
+text in the time embedding).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from datencoder.attention import AdapterInputs
+from datencoder.conditioning import added_cond_kwargs, encode_text
 from datencoder.errors import DatencoderError
 from datencoder.objective import NoisyLatents
 from datencoder.testing import MAX_LENGTHS
@@ -22,11 +25,14 @@ from test_core import make_system, random_factors
 PROMPTS = ["a photo of S*", "S* on the beach", "a red S* in the snow"]
 
 
-@pytest.fixture(scope="module", params=["bert", "clip"])
-def system(request, tiny_base_dir, tiny_clip_base_dir):
-    base_dir = tiny_base_dir if request.param == "bert" else tiny_clip_base_dir
+@pytest.fixture(scope="module", params=["bert", "clip", "sd2", "sdxl"])
+def system(request, tiny_base_dir, tiny_clip_base_dir, tiny_sd2_base_dir, tiny_sdxl_base_dir):
+    base_dir = {"bert": tiny_base_dir, "clip": tiny_clip_base_dir, "sd2": tiny_sd2_base_dir,
+                "sdxl": tiny_sdxl_base_dir}[request.param]
     system = make_system(base_dir, dual_path={"blend_self": 0.5, "blend_cross": 0.5})
-    assert system.base.tokenizer.model_max_length == MAX_LENGTHS[request.param]
+    for tokenizer, _ in system.base.text_encoders:
+        assert tokenizer.model_max_length == MAX_LENGTHS["bert" if request.param == "bert" else "clip"]
+    assert system.base.is_sdxl == (request.param == "sdxl")
     return system
 
 
@@ -56,7 +62,7 @@ def test_hard_prompt_states_have_one_row_per_prompt(system):
     embedding, _ = _concept(system)
     word = system.objective.hard_words(embedding)[0]
     hard = system.objective.hard_states(PROMPTS, [word])
-    expected = system.base.encode_prompt(system.base.tokenize([p.replace("S*", word) for p in PROMPTS]))
+    expected = encode_text(system.base, [p.replace("S*", word) for p in PROMPTS]).states
     assert hard.shape == (len(PROMPTS), system.base.tokenizer.model_max_length, expected.shape[-1])
     torch.testing.assert_close(hard, expected, rtol=0, atol=0)
 
@@ -94,9 +100,10 @@ def test_processor_refuses_a_context_with_another_batch(system):
     unet = system.base.unet
     soft = system.objective.soft_states(PROMPTS, embedding)
     hard_one_row = system.objective.hard_states(PROMPTS[:1], system.objective.hard_words(embedding))
+    added = added_cond_kwargs(system.base, system.objective.soft_text(PROMPTS, embedding))
     with torch.no_grad(), pytest.raises(DatencoderError, match="text context has 1 rows but the hidden states have 3"):
         unet(batch.noisy, batch.timesteps, soft, cross_attention_kwargs={"adapter": AdapterInputs(
-            factors, hard_one_row, 0.5, 0.5)})
+            factors, hard_one_row, 0.5, 0.5)}, added_cond_kwargs=added)
     with pytest.raises(DatencoderError, match="multiple of the embedding batch"):
         system.objective.hard_states(PROMPTS, ["dog", "cat"])
 

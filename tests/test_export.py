@@ -70,15 +70,15 @@ def _random_concept(base, seed: int, rank: int = 2, scale: float = 0.7) -> Conce
                    base={"name": base.name, "fingerprint": base.fingerprint})
 
 
-FAMILIES = ("bert", "clip")
+FAMILIES = ("bert", "clip", "sd2")  # SD 1.x with either text family, SD 2.x (v-prediction); SDXL: test_sdxl.py
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_base_dir, tiny_clip_base_dir, tmp_path_factory):
+def exported(tiny_base_dir, tiny_clip_base_dir, tiny_sd2_base_dir, tmp_path_factory):
     """Per family: (base, concept, export folder, stock images); one subprocess for all of them."""
     root = tmp_path_factory.mktemp("export")
     runs, argv = {}, []
-    for family, base_dir in zip(FAMILIES, (tiny_base_dir, tiny_clip_base_dir)):
+    for family, base_dir in zip(FAMILIES, (tiny_base_dir, tiny_clip_base_dir, tiny_sd2_base_dir)):
         base = load_base(str(base_dir), with_image_tower=False)
         concept = _random_concept(base, seed=1)
         out = export_concept(concept, root / family)

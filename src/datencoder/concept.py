@@ -1,6 +1,7 @@
 """The concept artifact: everything generation needs, and nothing of the encoder.
 
-A concept folder holds ``concept.safetensors`` (the embedding of S* and the low-rank factors of
+A concept folder holds ``concept.safetensors`` (the embedding of S* — with two text encoders
+(SDXL) one tensor per encoder, ``embedding`` and ``embedding_2`` — and the low-rank factors of
 one concept) and ``concept.json`` (placeholder, token, the nearest real word used by the hard
 path, blend weights, base-model identity and the resolved config it was made with).
 """
@@ -11,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from .checkpoints import check_base, file_sha256, load_tensors, read_json, save_tensors_atomic, write_json_atomic
@@ -21,10 +23,14 @@ __all__ = ["Concept"]
 KIND = "concept"
 
 
+def _embedding_key(k: int) -> str:
+    return "embedding" if k == 0 else f"embedding_{k + 1}"  # embedding, embedding_2 (as text_encoder_2)
+
+
 @dataclass
 class Concept:
     embedding: Tensor
-    """[D] word embedding of S*."""
+    """[D] word embedding of S* (SDXL: the two encoders' vectors concatenated, D = D1 + D2)."""
     factors: dict[str, tuple[Tensor, Tensor]]
     """{"<attention module>.<target>": (A [r, in], B [out, r])}."""
     hard_word: str
@@ -38,6 +44,18 @@ class Concept:
     config: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     """Free-form provenance: source image, steps, timings."""
+    token_dims: tuple[int, ...] = ()
+    """Width of each text encoder's part of ``embedding``; empty means one encoder."""
+
+    def __post_init__(self):
+        self.token_dims = tuple(int(d) for d in self.token_dims) or (int(self.embedding.shape[-1]),)
+        if sum(self.token_dims) != self.embedding.shape[-1]:
+            raise DatencoderError(f"concept embedding of width {self.embedding.shape[-1]} does not split "
+                                  f"into text-encoder widths {list(self.token_dims)}")
+
+    def embedding_parts(self) -> list[Tensor]:
+        """One [D_k] vector per text encoder."""
+        return list(self.embedding.split(list(self.token_dims)))
 
     def batched_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Factors with a leading sample dimension of 1, as the attention processors expect."""
@@ -45,7 +63,8 @@ class Concept:
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
-        tensors = {"embedding": self.embedding}
+        parts = self.embedding_parts()
+        tensors = {_embedding_key(k): part.contiguous() for k, part in enumerate(parts)}
         for name, (A, B) in self.factors.items():
             tensors[f"lora_A.{name}"] = A
             tensors[f"lora_B.{name}"] = B
@@ -82,6 +101,9 @@ class Concept:
                                   "(tensor fingerprint mismatch); re-create the concept with 'datencoder personalize'")
         if "embedding" not in tensors:
             raise DatencoderError(f"{directory} holds no embedding; re-create the concept")
+        parts = []
+        while _embedding_key(len(parts)) in tensors:
+            parts.append(tensors[_embedding_key(len(parts))])
         factors = {}
         for key in tensors:
             if key.startswith("lora_A."):
@@ -90,7 +112,8 @@ class Concept:
         if base is not None:
             check_base(f"concept {directory}", meta.get("base", {}), base)
         return cls(
-            embedding=tensors["embedding"], factors=factors, hard_word=meta["hard_word"],
+            embedding=torch.cat(parts), token_dims=tuple(len(p) for p in parts), factors=factors,
+            hard_word=meta["hard_word"],
             placeholder=meta["placeholder"], token=meta["token"], blend_self=meta["blend_self"],
             blend_cross=meta["blend_cross"], scale=meta["scale"], base=meta.get("base", {}),
             config=meta.get("config", {}), info=meta.get("info", {}),

@@ -6,6 +6,11 @@ metadata), so ``pipe.load_lora_weights(folder)`` reads it back; the embedding of
 ``learned_embeds.safetensors`` holding ``{token: [D]}``, the layout ``pipe.load_textual_inversion``
 reads.
 
+SDXL concepts (two text encoders) are written by ``StableDiffusionXLPipeline.save_lora_weights``
+and the embedding in the layout SDXL embeddings are shared in (AUTOMATIC1111, ComfyUI, diffusers'
+documentation): ``{"clip_l": [1, D1], "clip_g": [1, D2]}``, one ``load_textual_inversion`` call per
+text encoder.
+
 The export is *single path* (``a = 1``): stock diffusers has no way to blend a second, vanilla
 attention pass with a hard prompt, so the dual-path blend of the concept (METHOD.md, "Dual path")
 is dropped. Generation from the export equals ``ConceptPipeline(..., dual_path=False)``.
@@ -24,7 +29,7 @@ from pathlib import Path
 
 from .concept import Concept
 from .errors import DatencoderError
-from .export_base import borrows_parts, load_code, sample_code
+from .export_base import borrows_parts, embedding_code, is_sdxl_concept, load_code, sample_code
 from .export_kohya import export_kohya
 
 __all__ = ["export_concept", "export_diffusers", "FORMATS", "LORA_FILE", "EMBEDDING_FILE"]
@@ -55,13 +60,24 @@ def _lora_state_and_metadata(concept: Concept) -> tuple[dict, dict]:
     return state, config.to_dict()
 
 
+def _embedding_tensors(concept: Concept) -> dict:
+    parts = [p.detach().float().contiguous().cpu() for p in concept.embedding_parts()]
+    if is_sdxl_concept(concept):
+        return {"clip_l": parts[0].unsqueeze(0), "clip_g": parts[1].unsqueeze(0)}  # [1, D1], [1, D2]
+    return {concept.token: parts[0]}  # [D]
+
+
 def _readme(concept: Concept, has_lora: bool, folder: Path) -> str:
-    base, token = concept.base.get("name", "?"), concept.token
-    files = [f"  {EMBEDDING_FILE}: textual-inversion embedding of the token {token}"]
+    base, token, sdxl = concept.base.get("name", "?"), concept.token, is_sdxl_concept(concept)
+    layout = " (clip_l/clip_g: one vector per text encoder)" if sdxl else ""
+    files = [f"  {EMBEDDING_FILE}: textual-inversion embedding of the token {token}{layout}"]
     if has_lora:
         files.insert(0, f"  {LORA_FILE}: UNet LoRA (diffusers save_lora_weights format, PEFT adapter metadata)")
-    code = [*load_code(base), f"folder = {str(folder)!r}", *(["pipe.load_lora_weights(folder)"] if has_lora else []),
-            f"pipe.load_textual_inversion(folder, token={token!r})", *sample_code(f"a photo of {token} on the beach")]
+    embedding = (embedding_code(f"folder + '/{EMBEDDING_FILE}'", token, True) if sdxl
+                 else [f"pipe.load_textual_inversion(folder, token={token!r})"])
+    code = [*load_code(base, sdxl=sdxl), f"folder = {str(folder)!r}",
+            *(["pipe.load_lora_weights(folder)"] if has_lora else []), *embedding,
+            *sample_code(f"a photo of {token} on the beach")]
     standalone = ([f"Or write the base once as a standalone folder, `datencoder export-base {base} --out DIR`,",
                    "and load it with StableDiffusionPipeline.from_pretrained(DIR) instead.", ""]
                   if borrows_parts(base) else [])
@@ -83,9 +99,10 @@ def _readme(concept: Concept, has_lora: bool, folder: Path) -> str:
 
 def export_diffusers(concept: Concept, out_dir: str | Path) -> Path:
     """Write the concept as a diffusers LoRA + textual-inversion embedding + README.txt."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors.torch import save_file
 
+    is_sdxl_concept(concept)  # refuse an unknown text-encoder layout before writing anything
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DatencoderError(f"--out {out_dir} is a file; pass a folder")
@@ -97,11 +114,11 @@ def export_diffusers(concept: Concept, out_dir: str | Path) -> Path:
         has_lora = bool(concept.factors)
         if has_lora:
             state, metadata = _lora_state_and_metadata(concept)
-            StableDiffusionPipeline.save_lora_weights(
+            pipeline = StableDiffusionXLPipeline if is_sdxl_concept(concept) else StableDiffusionPipeline
+            pipeline.save_lora_weights(
                 staging, unet_lora_layers=state, unet_lora_adapter_metadata=metadata, weight_name=LORA_FILE,
             )
-        save_file({concept.token: concept.embedding.detach().float().contiguous().cpu()},  # [D]
-                  str(staging / EMBEDDING_FILE), metadata={"format": "pt"})
+        save_file(_embedding_tensors(concept), str(staging / EMBEDDING_FILE), metadata={"format": "pt"})
         (staging / README_FILE).write_text(_readme(concept, has_lora, out_dir.resolve()))
         names = ([LORA_FILE] if has_lora else []) + [EMBEDDING_FILE, README_FILE]
         for name in names:

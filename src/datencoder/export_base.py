@@ -31,7 +31,8 @@ from .base import DEFAULT_BASE, BaseModel, _read_base_json, _resolve
 from .checkpoints import write_text_atomic
 from .errors import DatencoderError
 
-__all__ = ["export_base", "check_export_dir", "load_code", "sample_code", "borrows_parts", "assembly_readme"]
+__all__ = ["export_base", "check_export_dir", "load_code", "sample_code", "borrows_parts", "assembly_readme",
+           "is_sdxl_concept", "embedding_code"]
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +53,44 @@ def borrows_parts(base_name: str) -> bool:
     return any(spec.get(part, {}).get("python_package") for part in ("text_encoder", "tokenizer"))
 
 
+def is_sdxl_concept(concept) -> bool:
+    """True for a concept with one embedding per SDXL text encoder; one or two are all there are."""
+    if len(concept.token_dims) > 2:
+        raise DatencoderError(f"the concept has {len(concept.token_dims)} text-encoder embeddings; "
+                              "export knows one (SD 1.x/2.x) or two (SDXL)")
+    return len(concept.token_dims) == 2
+
+
+def embedding_code(path_expr: str, token: str, sdxl: bool) -> list[str]:
+    """Lines loading a textual-inversion file; SDXL's clip_l/clip_g: one call per text encoder."""
+    if not sdxl:
+        return [f"pipe.load_textual_inversion({path_expr}, token={token!r})"]
+    return ["from safetensors.torch import load_file",
+            f"emb = load_file({path_expr})",
+            f"pipe.load_textual_inversion(emb['clip_l'], token={token!r}, text_encoder=pipe.text_encoder, "
+            "tokenizer=pipe.tokenizer)",
+            f"pipe.load_textual_inversion(emb['clip_g'], token={token!r}, text_encoder=pipe.text_encoder_2, "
+            "tokenizer=pipe.tokenizer_2)"]
+
+
 def sample_code(prompt: str) -> list[str]:
     """The sampling call matching ``datencoder generate PROMPT --num-images 1 --seed 0`` (defaults)."""
     return [f"image = pipe({prompt!r}, num_inference_steps=25, guidance_scale=7.5,",
             "             generator=torch.Generator().manual_seed(0)).images[0]"]
 
 
-def load_code(base_name: str) -> list[str]:
+def load_code(base_name: str, sdxl: bool = False) -> list[str]:
     """Python lines (no indent) that leave ``pipe``: the stock pipeline datencoder samples with."""
     root, local, spec = _spec(base_name)
+    if sdxl:  # SDXL folders are complete pipelines (nothing borrowed from a package)
+        source = str(Path(root).resolve()) if local else base_name
+        return [
+            "import torch",
+            "from diffusers import DDIMScheduler, StableDiffusionXLPipeline",
+            f"base = {source!r}",
+            "pipe = StableDiffusionXLPipeline.from_pretrained(base)",
+            "pipe.scheduler = DDIMScheduler.from_pretrained(base, subfolder='scheduler')  # datencoder's sampler",
+        ]
     text_pkg = spec.get("text_encoder", {}).get("python_package")
     tok = spec.get("tokenizer", {})
     if not text_pkg and not tok.get("python_package"):

@@ -18,8 +18,8 @@ calls it up):
 
 Single path, like the diffusers export (METHOD.md "Dual path" cannot be written as a plain LoRA).
 A1111 and ComfyUI only run CLIP-conditioned models, so a base with another text encoder (the
-embedded MiniLM default) is refused. SDXL concepts do not exist yet (a concept holds one embedding);
-the SDXL key names and the ``clip_l``/``clip_g`` layout are implemented and tested here already.
+embedded MiniLM default) is refused. SDXL concepts hold one embedding per text encoder, written as
+``clip_l``/``clip_g``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from torch import Tensor
 from .checkpoints import save_file_atomic, write_text_atomic
 from .concept import Concept
 from .errors import DatencoderError
-from .export_base import load_code, sample_code
+from .export_base import embedding_code, is_sdxl_concept, load_code, sample_code
 
 __all__ = ["export_kohya", "kohya_lora_tensors", "kohya_module_name", "a1111_embedding_tensors", "is_sdxl"]
 
@@ -125,12 +125,13 @@ def _stem(out_dir: Path) -> str:
 
 
 def _readme(concept: Concept, stem: str, folder: Path) -> str:
-    base = concept.base.get("name", "?")
+    base, sdxl = concept.base.get("name", "?"), is_sdxl_concept(concept)
     return "\n".join([
         "Concept exported by datencoder for AUTOMATIC1111 / ComfyUI (kohya LoRA + A1111 embedding).", "",
         "Files:",
         f"  {stem}_lora.safetensors: UNet LoRA, kohya keys (lora_unet_*.lora_down/lora_up fp16, .alpha)",
-        f"  {stem}.safetensors: embedding of S* in the A1111 textual-inversion layout (emb_params)", "",
+        f"  {stem}.safetensors: embedding of S* in the A1111 textual-inversion layout "
+        f"({'clip_l, clip_g' if sdxl else 'emb_params'})", "",
         f"Base model: {base} (fingerprint {concept.base.get('fingerprint', '?')}); use the same model.", "",
         "AUTOMATIC1111: copy the LoRA into models/Lora/ and the embedding into embeddings/, then prompt",
         f"    <lora:{stem}_lora:1> a photo of {stem} on the beach",
@@ -138,9 +139,9 @@ def _readme(concept: Concept, stem: str, folder: Path) -> str:
         f"models/embeddings/, and prompt  a photo of embedding:{stem} on the beach", "",
         "diffusers (reads the kohya layout too):", "",
         *(f"    {line}" for line in [
-            *load_code(base), f"folder = {str(folder)!r}",
+            *load_code(base, sdxl=sdxl), f"folder = {str(folder)!r}",
             f"pipe.load_lora_weights(folder, weight_name='{stem}_lora.safetensors')",
-            f"pipe.load_textual_inversion(folder + '/{stem}.safetensors', token='{stem}')",
+            *embedding_code(f"folder + '/{stem}.safetensors'", stem, sdxl),
             *sample_code(f"a photo of {stem} on the beach")]), "",
         f"Write {stem} where datencoder prompts use {concept.placeholder}. Single path only: datencoder",
         f"samples with the dual-path blend (a = {concept.blend_self} self-, {concept.blend_cross} cross-attention,",
@@ -158,9 +159,8 @@ def export_kohya(concept: Concept, out_dir: str | Path) -> Path:
     if text_type not in _CLIP_TYPES:
         raise DatencoderError(f"--format kohya needs a CLIP text encoder (A1111/ComfyUI run only those); "
                               f"the base's is {text_type!r}: use --format diffusers")
-    if is_sdxl(unet_config):
-        raise DatencoderError("--format kohya for SDXL is not supported yet: an SDXL concept needs an embedding "
-                              "per text encoder (clip_l, clip_g)")
+    if is_sdxl(unet_config) != is_sdxl_concept(concept):
+        raise DatencoderError("the concept's embeddings do not fit its base model's text encoders; re-create it")
     lora = kohya_lora_tensors(concept.factors, concept.scale, unet_config)
     ranks = sorted({int(A.shape[0]) for A, _ in concept.factors.values()})
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": ",".join(map(str, ranks)),
@@ -171,7 +171,7 @@ def export_kohya(concept: Concept, out_dir: str | Path) -> Path:
         save_file_atomic(out_dir / f"{stem}_lora.safetensors", lora, metadata)
     elif (out_dir / f"{stem}_lora.safetensors").exists():
         (out_dir / f"{stem}_lora.safetensors").unlink()  # a stale LoRA from an earlier export would be wrong
-    save_file_atomic(out_dir / f"{stem}.safetensors", a1111_embedding_tensors(concept.embedding))
+    save_file_atomic(out_dir / f"{stem}.safetensors", a1111_embedding_tensors(*concept.embedding_parts()))
     write_text_atomic(out_dir / "README.txt", _readme(concept, stem, out_dir.resolve()))
     log.debug("exported %d LoRA layers (kohya) and the A1111 embedding %s to %s", len(concept.factors), stem, out_dir)
     return out_dir

@@ -2,7 +2,8 @@
 
 Both feature paths are frozen. Image features pool several hidden layers of any transformers
 vision model; denoiser features pool the outputs of the UNet's down and mid blocks, run on the
-noisy latent z_t at the sampled timestep with a neutral prompt. Widths are measured from the
+noisy latent z_t at the sampled timestep with a neutral prompt (SDXL: plus the prompt's pooled
+text and size ids in the time embedding, as in every SDXL UNet call). Widths are measured from the
 models themselves (one dry run), so nothing model-specific is hard-coded.
 """
 
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .conditioning import TextStates, added_cond_kwargs, encode_text
 from .config import EncoderConfig
 
 __all__ = ["FeatureExtractor", "timestep_features"]
@@ -54,7 +56,7 @@ class FeatureExtractor:
         if cfg.use_denoiser_features:
             channels = list(base.unet.config.block_out_channels)
             self.denoiser_width = sum(channels) + channels[-1]  # one per down block, plus the mid block
-        self._neutral: Tensor | None = None
+        self._neutral: TextStates | None = None
 
     @property
     def _tower_dtype(self) -> torch.dtype:
@@ -87,21 +89,25 @@ class FeatureExtractor:
                                   f"{len(hidden)} hidden states (use indices -{len(hidden)}..{len(hidden) - 1})")
         return torch.cat([_pool(hidden[i]).float() for i in self.cfg.tower_layers], dim=-1)
 
-    def neutral_context(self, batch: int, device) -> Tensor:
-        """States of the neutral prompt [batch, L, D]: constant (frozen text encoder), so encoded once."""
-        if self._neutral is None or self._neutral.device != torch.device(device):
+    def neutral_text(self, batch: int) -> TextStates:
+        if self._neutral is None:
             with torch.no_grad():
-                ids = self.base.tokenize([self.cfg.neutral_prompt]).to(device)
-                self._neutral = self.base.encode_prompt(ids).to(device)
-        return self._neutral.expand(batch, -1, -1)
+                self._neutral = encode_text(self.base, [self.cfg.neutral_prompt])
+        pooled = self._neutral.pooled
+        return TextStates(self._neutral.states.expand(batch, -1, -1),
+                          None if pooled is None else pooled.expand(batch, -1))
 
     @torch.no_grad()
     def denoiser(self, z_t: Tensor, timesteps: Tensor) -> Tensor:
         """Pooled outputs of the frozen UNet's down and mid blocks on z_t: [N, C, h, w] -> [N, Fd]."""
         unet = self.base.unet
         dtype = next(unet.parameters()).dtype
-        context = self.neutral_context(z_t.shape[0], z_t.device).to(dtype)
+        neutral = self.neutral_text(z_t.shape[0])
+        context = neutral.states.to(z_t.device, dtype)
         emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype))
+        added = added_cond_kwargs(self.base, neutral)
+        if added is not None:  # SDXL: UNet2DConditionModel.forward adds the text_time embedding
+            emb = emb + unet.get_aug_embed(emb=emb, encoder_hidden_states=context, added_cond_kwargs=added)
         h = unet.conv_in(z_t.to(dtype))
         pooled = []
         for block in unet.down_blocks:

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import AdapterInputs
+from .conditioning import TextStates, added_cond_kwargs, encode_text, joint_unit, word_embedding
 from .config import Config
 from .errors import DatencoderError
 from .regularizers import l2_loss, nn_contrastive_loss, norm_loss, offset_l2
-from .tokens import fill_placeholder, inject_embeddings, nearest_tokens, token_word
+from .tokens import fill_placeholder, nearest_tokens, token_word
 
 __all__ = ["Objective", "NoisyLatents", "diffusion_target"]
 
@@ -68,12 +69,13 @@ class Objective:
         self.token_id = token_id
         self.vocab_ids = vocab_ids
         self.vocab_table = vocab_table
-        self.target_norm = float(vocab_table.norm(dim=-1).mean())
+        self.dims = base.token_dims  # S* has one vector per text encoder, concatenated
+        # mean norm of real words, per text encoder
+        self.target_norms = [float(t.norm(dim=-1).mean()) for t in vocab_table.split(list(self.dims), dim=-1)]
+        self.target_norm = self.target_norms[0]
         self.anchor: Tensor | None = None
         if cfg.loss.l2_weight > 0:
-            anchor_word = cfg.loss.l2_anchor or "object"
-            ids = base.tokenizer(anchor_word, add_special_tokens=False)["input_ids"]
-            self.anchor = base.text_encoder.get_input_embeddings().weight[ids].mean(0).detach().float()
+            self.anchor = word_embedding(base, cfg.loss.l2_anchor or "object")
 
     # -- noise ----------------------------------------------------------------------------
     def add_noise(self, latents: Tensor, generator: torch.Generator | None = None,
@@ -88,15 +90,19 @@ class Objective:
 
     # -- prompts --------------------------------------------------------------------------
     def hard_words(self, embedding: Tensor) -> list[str]:
-        """The nearest real word of each embedding row (no gradient): N embeddings -> N words."""
-        index, _ = nearest_tokens(embedding.detach(), self.vocab_table, 1)
+        """The nearest real word of each embedding row (no gradient): N embeddings -> N words.
+
+        With two text encoders (SDXL) "nearest" is by the mean of the per-encoder cosines.
+        """
+        index, _ = nearest_tokens(joint_unit(embedding.detach(), self.dims), joint_unit(self.vocab_table, self.dims), 1)
         return [token_word(self.base.tokenizer, self.vocab_ids[i]) for i in index[:, 0].tolist()]
 
-    def soft_states(self, prompts: list[str], embedding: Tensor) -> Tensor:
+    def soft_text(self, prompts: list[str], embedding: Tensor) -> TextStates:
         placeholder, token = self.cfg.model.placeholder, self.cfg.model.token
-        ids = self.base.tokenize([fill_placeholder(p, placeholder, token) for p in prompts])
-        with inject_embeddings(self.base.text_encoder, self.token_id, embedding):
-            return self.base.encode_prompt(ids.to(embedding.device))
+        return encode_text(self.base, [fill_placeholder(p, placeholder, token) for p in prompts], token, embedding)
+
+    def soft_states(self, prompts: list[str], embedding: Tensor) -> Tensor:
+        return self.soft_text(prompts, embedding).states
 
     @torch.no_grad()
     def hard_states(self, prompts: list[str], words: list[str]) -> Tensor:
@@ -110,7 +116,7 @@ class Objective:
                                   "(the prompt batch must be a multiple of the embedding batch)")
         placeholder = self.cfg.model.placeholder
         filled = [fill_placeholder(p, placeholder, words[i % len(words)]) for i, p in enumerate(prompts)]
-        return self.base.encode_prompt(self.base.tokenize(filled).to(self.base.unet.device))
+        return encode_text(self.base, filled).states
 
     def adapter_inputs(self, factors, hard: Tensor | None) -> AdapterInputs:
         dp = self.cfg.dual_path
@@ -120,12 +126,17 @@ class Objective:
     # -- prediction and loss --------------------------------------------------------------
     def predict(self, batch: NoisyLatents, prompts: list[str], embedding: Tensor,
                 factors: dict[str, tuple[Tensor, Tensor]], dual_path: bool) -> Tensor:
-        """The adapted UNet's prediction for B prompts and N embeddings/factors (B a multiple of N)."""
-        soft = self.soft_states(prompts, embedding)
+        """The adapted UNet's prediction for B prompts and N embeddings/factors (B a multiple of N).
+
+        SDXL: the soft prompt's pooled vector joins the time embedding, which both paths share (the
+        dual path is per attention layer).
+        """
+        soft = self.soft_text(prompts, embedding)
         hard = self.hard_states(prompts, self.hard_words(embedding)) if dual_path else None
         unet = self.base.unet
-        return unet(batch.noisy.to(unet.dtype), batch.timesteps, soft.to(unet.dtype),
-                    cross_attention_kwargs={"adapter": self.adapter_inputs(factors, hard)}).sample
+        return unet(batch.noisy.to(unet.dtype), batch.timesteps, soft.states.to(unet.dtype),
+                    cross_attention_kwargs={"adapter": self.adapter_inputs(factors, hard)},
+                    added_cond_kwargs=added_cond_kwargs(self.base, soft)).sample
 
     def __call__(self, batch: NoisyLatents, prompts: list[str], embedding: Tensor,
                  factors: dict[str, tuple[Tensor, Tensor]], dual_path: bool,
@@ -137,10 +148,12 @@ class Objective:
         terms = {"diffusion": (mse * self._snr_weights(batch.timesteps)).mean()}
         if loss_cfg.contrastive_weight > 0:
             terms["contrastive"] = loss_cfg.contrastive_weight * nn_contrastive_loss(
-                embedding.float(), self.vocab_table.to(embedding.device), loss_cfg.tau,
-                loss_cfg.num_negatives, loss_cfg.top_k_positives, generator)
+                joint_unit(embedding.float(), self.dims), joint_unit(self.vocab_table.to(embedding.device), self.dims),
+                loss_cfg.tau, loss_cfg.num_negatives, loss_cfg.top_k_positives, generator)
         if loss_cfg.norm_weight > 0:
-            terms["norm"] = loss_cfg.norm_weight * norm_loss(embedding.float(), self.target_norm)
+            parts = embedding.float().split(list(self.dims), dim=-1)
+            terms["norm"] = loss_cfg.norm_weight * sum(
+                norm_loss(v, target) for v, target in zip(parts, self.target_norms)) / len(parts)
         if loss_cfg.l2_weight > 0 and self.anchor is not None:
             terms["l2"] = loss_cfg.l2_weight * l2_loss(embedding.float(), self.anchor)
         if loss_cfg.lora_weight > 0:

@@ -1,4 +1,5 @@
-"""Generation with a concept: a thin layer over diffusers' StableDiffusionPipeline.
+"""Generation with a concept: a thin layer over diffusers' StableDiffusionPipeline (SDXL:
+StableDiffusionXLPipeline, with the pooled text of each prompt as ``pooled_prompt_embeds``).
 
 The soft prompt (S* -> the concept's embedding) goes in as ``prompt_embeds``; the hard prompt
 (S* -> the nearest real word) and the low-rank factors travel to the dual-path processors
@@ -11,17 +12,19 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline)
 from PIL import Image
 
 from .attention import AdapterInputs
 from .base import BaseModel
 from .checkpoints import check_base
 from .concept import Concept
+from .conditioning import TextStates, encode_text
 from .config import check_seed
 from .errors import DatencoderError
 from .system import prepare_base
-from .tokens import check_placeholder_kept, fill_placeholder, inject_embeddings
+from .tokens import check_placeholder_kept, fill_placeholder
 
 __all__ = ["ConceptPipeline"]
 
@@ -44,11 +47,18 @@ class ConceptPipeline:
             self.embedding = concept.embedding.to(base.device, torch.float32).unsqueeze(0)  # [1, D]
             self.factors = {k: (A.to(base.device, torch.float32), B.to(base.device, torch.float32))
                             for k, (A, B) in concept.batched_factors().items()}
-        self.pipe = StableDiffusionPipeline(
-            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-            scheduler=SCHEDULERS[scheduler].from_config(base.scheduler.config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
-        )
+        sampler = SCHEDULERS[scheduler].from_config(base.scheduler.config)
+        if base.is_sdxl:
+            self.pipe = StableDiffusionXLPipeline(
+                vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+                tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet, scheduler=sampler,
+                add_watermarker=False,
+            )
+        else:
+            self.pipe = StableDiffusionPipeline(
+                vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+                scheduler=sampler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
         self.pipe.set_progress_bar_config(disable=True)
 
     def size_multiple(self) -> int:
@@ -88,17 +98,22 @@ class ConceptPipeline:
             check_placeholder_kept(self.base.tokenizer, filled, self.token_id, concept.placeholder)
 
     @torch.no_grad()
-    def _states(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Soft and hard prompt states, [B, L, D] each (hard is None without a concept)."""
+    def _states(self, prompts: list[str]) -> tuple[TextStates, torch.Tensor | None]:
+        """Soft prompt states and the hard prompt's [B, L, D] (hard is None without a concept)."""
         concept = self.concept
         if concept is None:
-            return self.base.encode_prompt(self.base.tokenize(prompts)), None
-        soft_ids = self.base.tokenize([fill_placeholder(p, concept.placeholder, concept.token) for p in prompts])
-        with inject_embeddings(self.base.text_encoder, self.token_id, self.embedding):
-            soft = self.base.encode_prompt(soft_ids)
-        hard = self.base.encode_prompt(self.base.tokenize(
-            [p.replace(concept.placeholder, concept.hard_word) for p in prompts]))
-        return soft, hard
+            return encode_text(self.base, prompts), None
+        soft = encode_text(self.base, [fill_placeholder(p, concept.placeholder, concept.token) for p in prompts],
+                           concept.token, self.embedding)
+        hard = encode_text(self.base, [p.replace(concept.placeholder, concept.hard_word) for p in prompts])
+        return soft, hard.states
+
+    def _negative(self, negative_prompt: str, rows: int) -> TextStates:
+        text = encode_text(self.base, [negative_prompt] * rows)
+        if self.base.is_sdxl and not negative_prompt and self.pipe.config.force_zeros_for_empty_prompt:
+            # what StableDiffusionXLPipeline does without a negative prompt: zeros, not the empty text
+            return TextStates(torch.zeros_like(text.states), torch.zeros_like(text.pooled))
+        return text
 
     def __call__(self, prompt: str | list[str], num_images: int = 4, num_inference_steps: int = 25,
                  guidance_scale: float = 7.5, negative_prompt: str = "", seed: int | None = 0,
@@ -115,13 +130,13 @@ class ConceptPipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images)]  # num_images per prompt, in order
         soft, hard = self._states(prompts)
-        negative = self.base.encode_prompt(self.base.tokenize([negative_prompt] * len(prompts)))
+        negative = self._negative(negative_prompt, len(prompts))
         kwargs = None
         concept = self.concept
         if concept is not None:
             use_dual = dual_path and (concept.blend_self < 1 or concept.blend_cross < 1)
             if use_dual and guidance_scale > 1:
-                hard = torch.cat([negative, hard])  # diffusers batches [uncond, cond]
+                hard = torch.cat([negative.states, hard])  # diffusers batches [uncond, cond]
             kwargs = {"adapter": AdapterInputs(
                 factors=self.factors, hard_states=hard if use_dual else None,
                 blend_self=concept.blend_self, blend_cross=concept.blend_cross,
@@ -131,8 +146,12 @@ class ConceptPipeline:
             def step_cb(pipe, i, t, tensors):
                 callback(i, num_inference_steps)
                 return tensors
+        pooled = {}
+        if self.base.is_sdxl:
+            pooled = {"pooled_prompt_embeds": soft.pooled, "negative_pooled_prompt_embeds": negative.pooled}
         out = self.pipe(
-            prompt_embeds=soft, negative_prompt_embeds=negative, num_inference_steps=num_inference_steps,
+            prompt_embeds=soft.states, negative_prompt_embeds=negative.states, **pooled,
+            num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, generator=generator, height=height,
             width=width, cross_attention_kwargs=kwargs, output_type=output_type,
             callback_on_step_end=step_cb,

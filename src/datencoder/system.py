@@ -16,11 +16,11 @@ from torch import Tensor
 from .attention import DualPathProcessor, install_processors
 from .base import BaseModel, load_base
 from .checkpoints import check_base, load_tensors, read_json, save_tensors_atomic, write_json_atomic
+from .conditioning import add_placeholders, text_vocabulary
 from .config import Config, from_dict, to_dict
 from .encoder import EncoderOutput, TuningEncoder, target_layer_shapes
 from .features import FeatureExtractor
 from .objective import NoisyLatents, Objective
-from .tokens import add_placeholder, vocabulary
 
 __all__ = ["EncoderSystem", "prepare_base", "encoder_path", "resolve_encoder", "DEFAULT_ENCODER", "DEFAULT_ENCODER_DIR"]
 
@@ -48,9 +48,10 @@ def resolve_encoder(name: str | Path) -> Path:
 
 
 def prepare_base(base: BaseModel, token: str) -> int:
-    """Freeze the base, add the placeholder token and install the dual-path processors (idempotent)."""
+    """Freeze the base, add the placeholder token (to every text encoder) and install the dual-path
+    processors (idempotent); the token's id in the first tokenizer."""
     base.freeze()
-    token_id = add_placeholder(base.tokenizer, base.text_encoder, token)
+    token_id = add_placeholders(base, token)
     if not all(isinstance(p, DualPathProcessor) for p in base.unet.attn_processors.values()):
         install_processors(base.unet)
     return token_id
@@ -61,7 +62,7 @@ class EncoderSystem:
         self.base = base
         self.cfg = cfg
         # the real-word table is taken before the placeholder is added, so S* is never a neighbour
-        self.vocab_ids, self.vocab_table = vocabulary(base.tokenizer, base.text_encoder, cfg.loss.whole_words_only)
+        self.vocab_ids, self.vocab_table = text_vocabulary(base, cfg.loss.whole_words_only)
         self.token_id = prepare_base(base, cfg.model.token)
         self.features = FeatureExtractor(base, cfg.encoder)
         if encoder is None:

@@ -9,10 +9,18 @@ can build it in a subprocess too. Building takes well under a second on a 2-core
 Two text-encoder families are offered so that code proves it is family-agnostic:
 ``"bert"`` (BertModel + WordPiece tokenizer, like the MiniLM default) and ``"clip"``
 (CLIPTextModel + byte-level BPE tokenizer, like Stable Diffusion 1.x).
+
+Three model families (``family=``): ``"sd1"`` (epsilon target), ``"sd2"`` (v-prediction, linear
+attention projections, a GELU CLIP text tower standing in for OpenCLIP-H) and ``"sdxl"`` (the SDXL
+block structure: a first level without attention, ``transformer_layers_per_block``, the
+``text_time`` added embedding, and two CLIP text encoders — CLIPTextModel and
+CLIPTextModelWithProjection, whose widths add up to the UNet's cross_attention_dim — sharing one
+vocabulary, saved by ``StableDiffusionXLPipeline``).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -25,7 +33,7 @@ import torch
 from .base import quiet_loading
 from .errors import DatencoderError
 
-__all__ = ["build_tiny_base", "build_tiny_clip", "build_tiny_dino", "TINY_WORDS", "MAX_LENGTHS"]
+__all__ = ["build_tiny_base", "build_tiny_clip", "build_tiny_dino", "TINY_WORDS", "MAX_LENGTHS", "FAMILIES"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +69,12 @@ _TEXT_HIDDEN = 32
 # Lengths that no test batch divides keep a reshape that folds one prompt into several rows from
 # passing silently (a tuning-batch bug once hid behind a length of 16).
 MAX_LENGTHS = {"bert": 32, "clip": 77}
+FAMILIES = ("sd1", "sd2", "sdxl")
+# SDXL's two text encoders: distinct widths (and a projection width unlike both) so that a
+# mixed-up split or a pooled vector taken from the wrong encoder fails on shape.
+_SDXL_HIDDEN = (32, 48)
+_SDXL_POOLED = 40
+_SDXL_TIME_DIM = 8
 
 
 def _unique(seq):
@@ -84,9 +98,9 @@ def _bert_parts(max_length: int):
     return tokenizer, BertModel(config, add_pooling_layer=False)
 
 
-def _clip_parts(max_length: int):
+def _clip_tokenizer(max_length: int):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     # Byte-level BPE learned on TINY_WORDS (so each of them is one "word</w>" token), plus every
     # printable ASCII character with and without the end-of-word marker so any ASCII text encodes.
@@ -101,20 +115,43 @@ def _clip_parts(max_length: int):
     vocab = _unique([*sorted(learned["vocab"], key=learned["vocab"].get), *chars,
                      *(c + "</w>" for c in chars)])
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
-    tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges,
-                              model_max_length=max_length)
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=max_length)
+
+
+def _clip_text(tokenizer, hidden: int, *, projection_dim: int | None = None, hidden_act: str = "quick_gelu"):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
     config = CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=_TEXT_HIDDEN, intermediate_size=2 * _TEXT_HIDDEN,
-        projection_dim=_TEXT_HIDDEN, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        projection_dim=projection_dim or hidden, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, hidden_act=hidden_act,
     )
-    return tokenizer, CLIPTextModel(config)
+    return (CLIPTextModel if projection_dim is None else CLIPTextModelWithProjection)(config)
 
 
-def _unet(cross_attention_dim: int):
+def _clip_parts(max_length: int, hidden_act: str = "quick_gelu"):
+    tokenizer = _clip_tokenizer(max_length)
+    return tokenizer, _clip_text(tokenizer, _TEXT_HIDDEN, hidden_act=hidden_act)
+
+
+def _unet(cross_attention_dim: int, family: str = "sd1"):
     from diffusers import UNet2DConditionModel
 
+    if family == "sdxl":
+        # SDXL's layout at small widths: no attention at the first level, several transformer
+        # layers per block deeper down, linear projections, and the "text_time" added embedding of
+        # the pooled text vector plus six size/crop numbers (6 * addition_time_embed_dim + pooled).
+        return UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(8, 16, 16), norm_num_groups=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), use_linear_projection=True,
+            cross_attention_dim=cross_attention_dim, addition_embed_type="text_time",
+            addition_time_embed_dim=_SDXL_TIME_DIM,
+            projection_class_embeddings_input_dim=6 * _SDXL_TIME_DIM + _SDXL_POOLED,
+        )
     # Two levels with cross-attention at both, so attention layers of two widths (8 and 16) exist
     # and code that sizes per-layer offsets from the config is exercised.
     return UNet2DConditionModel(
@@ -123,6 +160,7 @@ def _unet(cross_attention_dim: int):
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cross_attention_dim, attention_head_dim=2,
+        use_linear_projection=family == "sd2",
     )
 
 
@@ -154,16 +192,53 @@ def _image_tower(path: Path) -> None:
     (path / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
 
 
-def build_tiny_base(path: str | Path, *, seed: int = 0, text_encoder: str = "bert",
+def _pipeline(family: str, text_encoder: str):
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear",
+                              prediction_type="v_prediction" if family == "sd2" else "epsilon",
+                              clip_sample=False, steps_offset=1)
+    if family == "sdxl":
+        # One vocabulary for both tokenizers, as in SDXL; the second pads with "!" like OpenCLIP's.
+        tokenizer = _clip_tokenizer(MAX_LENGTHS["clip"])
+        tokenizer_2 = copy.deepcopy(tokenizer)  # one vocabulary (BPE training may order ties anew)
+        tokenizer_2.pad_token = "!"
+        text_1 = _clip_text(tokenizer, _SDXL_HIDDEN[0])
+        text_2 = _clip_text(tokenizer_2, _SDXL_HIDDEN[1], projection_dim=_SDXL_POOLED, hidden_act="gelu")
+        unet = _unet(sum(_SDXL_HIDDEN), family)
+        return StableDiffusionXLPipeline(
+            vae=_vae(), text_encoder=text_1, text_encoder_2=text_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+            unet=unet, scheduler=scheduler, add_watermarker=False,
+        )
+    if text_encoder == "bert":
+        tokenizer, text_model = _bert_parts(MAX_LENGTHS["bert"])
+    else:
+        tokenizer, text_model = _clip_parts(MAX_LENGTHS["clip"], "gelu" if family == "sd2" else "quick_gelu")
+    unet = _unet(text_model.config.hidden_size, family)  # drawn before the VAE: seeds keep their models
+    return StableDiffusionPipeline(
+        vae=_vae(), text_encoder=text_model, tokenizer=tokenizer, unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def build_tiny_base(path: str | Path, *, seed: int = 0, text_encoder: str | None = None, family: str = "sd1",
                     with_image_tower: bool = True) -> Path:
     """Write a tiny diffusers-layout base model to ``path`` and return ``path``.
 
-    Deterministic given ``seed``; the caller's global RNG state is left untouched. ``path`` must
-    not exist, be empty, or hold an earlier tiny model (model_index.json), which is replaced.
+    ``text_encoder``: "bert" (the default for sd1) or "clip" (the default, and the only choice,
+    for sd2 and sdxl). Deterministic given ``seed``; the caller's global RNG state is left
+    untouched. ``path`` must not exist, be empty, or hold an earlier tiny model
+    (model_index.json), which is replaced.
     """
     path = Path(path)
+    if family not in FAMILIES:
+        raise DatencoderError(f"unknown tiny model family {family!r}; use one of {', '.join(FAMILIES)}")
+    text_encoder = text_encoder or ("bert" if family == "sd1" else "clip")
     if text_encoder not in ("bert", "clip"):
         raise DatencoderError(f"unknown tiny text encoder {text_encoder!r}; use 'bert' or 'clip'")
+    if family != "sd1" and text_encoder != "clip":
+        raise DatencoderError(f"the tiny {family} model has CLIP text encoders; drop text_encoder={text_encoder!r}")
     if path.exists() and (not path.is_dir() or (any(path.iterdir())
                                                  and not (path / "model_index.json").exists())):
         raise DatencoderError(f"{path} exists and is not a tiny model folder; pass a new path")
@@ -171,20 +246,8 @@ def build_tiny_base(path: str | Path, *, seed: int = 0, text_encoder: str = "ber
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         with torch.random.fork_rng(devices=[]), quiet_loading():
-            from diffusers import DDPMScheduler, StableDiffusionPipeline
-
             torch.manual_seed(seed)
-            tokenizer, text_model = (_bert_parts if text_encoder == "bert" else _clip_parts)(MAX_LENGTHS[text_encoder])
-            unet = _unet(text_model.config.hidden_size)
-            vae = _vae()
-            scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                      beta_schedule="scaled_linear", prediction_type="epsilon",
-                                      clip_sample=False, steps_offset=1)
-            pipe = StableDiffusionPipeline(
-                vae=vae, text_encoder=text_model, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            )
-            pipe.save_pretrained(tmp, safe_serialization=True)
+            _pipeline(family, text_encoder).save_pretrained(tmp, safe_serialization=True)
             if with_image_tower:
                 _image_tower(tmp / "image_tower")
         if path.exists():
@@ -193,7 +256,7 @@ def build_tiny_base(path: str | Path, *, seed: int = 0, text_encoder: str = "ber
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.debug("built tiny base (%s, seed %d) at %s", text_encoder, seed, path)
+    log.debug("built tiny base (%s, %s, seed %d) at %s", family, text_encoder, seed, path)
     return path
 
 

@@ -138,5 +138,5 @@ def _personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig, gen: t
         hard_word=hard_word, placeholder=cfg.model.placeholder, token=cfg.model.token,
         blend_self=dp.blend_self if dp.enabled else 1.0, blend_cross=dp.blend_cross if dp.enabled else 1.0,
         scale=cfg.encoder.lora_scale, base={"name": system.base.name, "fingerprint": system.base.fingerprint},
-        config=to_dict(cfg), info={**(info or {}), **timings},
+        config=to_dict(cfg), info={**(info or {}), **timings}, token_dims=system.base.token_dims,
     )
