@@ -94,7 +94,7 @@ def test_launch_whose_processes_train_alone_is_refused(tiny_base_dir, images, tm
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     rc, output = _finish(_launch(launcher, tiny_base_dir, images, tmp_path / "out"))
     assert rc != 0
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2 and all("would train independently into one output folder" in e for e in errors), output
+    # both processes refuse; their lines share one stderr and may interleave, so count messages, not lines
+    assert output.count("would train independently into one output folder") == 2, output
     assert "Traceback" not in output.split("error:")[0]
     assert not (tmp_path / "out" / "encoder").exists() and not (tmp_path / "out" / "checkpoint").exists()
