@@ -74,7 +74,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_clip_base_dir):
         v = out.embedding.detach().clone().requires_grad_()
         factors = {k: (A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_())
                    for k, (A, B) in out.factors.items()}
-        terms = system.objective(batch, ["a photo of S*"], v, factors, True, torch.Generator().manual_seed(1))
+        terms = system.objective(batch, ["a photo of S*", "S* on the beach"], v, factors, True, torch.Generator().manual_seed(1))
         sum(terms.values()).backward()
         return [v.grad, *(t.grad for pair in factors.values() for t in pair)]
 
