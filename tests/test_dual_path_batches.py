@@ -98,7 +98,7 @@ def test_processor_refuses_a_context_with_another_batch(system):
     embedding, factors = _concept(system)
     batch = _batch(system, len(PROMPTS))
     unet = system.base.unet
-    soft = system.objective.soft_states(PROMPTS, embedding)
+    soft = system.objective.soft_text(PROMPTS, embedding).states
     hard_one_row = system.objective.hard_states(PROMPTS[:1], system.objective.hard_words(embedding))
     added = added_cond_kwargs(system.base, system.objective.soft_text(PROMPTS, embedding))
     with torch.no_grad(), pytest.raises(DatencoderError, match="text context has 1 rows but the hidden states have 3"):

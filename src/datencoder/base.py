@@ -125,12 +125,9 @@ class BaseModel:
 
     def tokenize(self, prompts: list[str] | str) -> torch.LongTensor:
         """Token ids padded to the tokenizer's max length, exactly as StableDiffusionPipeline does: [B, L]."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        return self.tokenizer(
-            list(prompts), padding="max_length", truncation=True,
-            max_length=self.tokenizer.model_max_length, return_tensors="pt",
-        ).input_ids
+        from .conditioning import pipeline_ids
+
+        return pipeline_ids(self.tokenizer, [prompts] if isinstance(prompts, str) else prompts)
 
     def attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The mask the tokenizer would return for max-length-padded ``input_ids``: [B, L]."""

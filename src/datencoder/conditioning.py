@@ -46,7 +46,7 @@ def split_embedding(base, embedding: Tensor) -> list[Tensor]:
     return list(embedding.split(list(dims), dim=-1))
 
 
-def _ids(tokenizer, prompts: list[str]) -> Tensor:
+def pipeline_ids(tokenizer, prompts: list[str]) -> Tensor:
     # as the diffusers pipelines tokenize: padded to the tokenizer's length, truncated
     return tokenizer(list(prompts), padding="max_length", truncation=True,
                      max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
@@ -73,7 +73,7 @@ def encode_text(base, prompts: list[str] | str, token: str | None = None,
     states, pooled = [], None
     for (tokenizer, text_encoder), part in zip(base.text_encoders, parts):
         with _injected(tokenizer, text_encoder, token, part):
-            out = text_encoder(_ids(tokenizer, prompts).to(text_encoder.device), output_hidden_states=True)
+            out = text_encoder(pipeline_ids(tokenizer, prompts).to(text_encoder.device), output_hidden_states=True)
         states.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer
         pooled = out[0]  # [B, P]: only the last (projection) encoder's is kept, as in diffusers
     return TextStates(torch.cat(states, dim=-1), pooled)

@@ -79,29 +79,28 @@ def sample_code(prompt: str) -> list[str]:
             "             generator=torch.Generator().manual_seed(0)).images[0]"]
 
 
+def _complete_folder_code(pipeline: str, source: str, extra: str) -> list[str]:
+    """Loading code for a folder that holds the whole pipeline, with datencoder's DDIM sampler."""
+    return [
+        "import torch",
+        f"from diffusers import DDIMScheduler, {pipeline}",
+        f"base = {source!r}",
+        f"pipe = {pipeline}.from_pretrained(base{extra})",
+        "pipe.scheduler = DDIMScheduler.from_pretrained(base, subfolder='scheduler')  # datencoder's sampler",
+    ]
+
+
 def load_code(base_name: str, sdxl: bool = False) -> list[str]:
     """Python lines (no indent) that leave ``pipe``: the stock pipeline datencoder samples with."""
     root, local, spec = _spec(base_name)
+    source = str(Path(root).resolve()) if local else base_name
     if sdxl:  # SDXL folders are complete pipelines (nothing borrowed from a package)
-        source = str(Path(root).resolve()) if local else base_name
-        return [
-            "import torch",
-            "from diffusers import DDIMScheduler, StableDiffusionXLPipeline",
-            f"base = {source!r}",
-            "pipe = StableDiffusionXLPipeline.from_pretrained(base)",
-            "pipe.scheduler = DDIMScheduler.from_pretrained(base, subfolder='scheduler')  # datencoder's sampler",
-        ]
+        return _complete_folder_code("StableDiffusionXLPipeline", source, "")
     text_pkg = spec.get("text_encoder", {}).get("python_package")
     tok = spec.get("tokenizer", {})
     if not text_pkg and not tok.get("python_package"):
-        source = str(Path(root).resolve()) if local else base_name
-        return [
-            "import torch",
-            "from diffusers import DDIMScheduler, StableDiffusionPipeline",
-            f"base = {source!r}",
-            "pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)",
-            "pipe.scheduler = DDIMScheduler.from_pretrained(base, subfolder='scheduler')  # datencoder's sampler",
-        ]
+        return _complete_folder_code("StableDiffusionPipeline", source,
+                                     ", safety_checker=None, requires_safety_checker=False")
     # Parts borrowed from a package: assemble the pipeline (from_pretrained needs model_index.json).
     packages = sorted({p for p in (text_pkg, tok.get("python_package")) if p})
     text_src = f"{text_pkg}.get_model_path()" if text_pkg else "base + '/text_encoder'"

@@ -101,9 +101,6 @@ class Objective:
         placeholder, token = self.cfg.model.placeholder, self.cfg.model.token
         return encode_text(self.base, [fill_placeholder(p, placeholder, token) for p in prompts], token, embedding)
 
-    def soft_states(self, prompts: list[str], embedding: Tensor) -> Tensor:
-        return self.soft_text(prompts, embedding).states
-
     @torch.no_grad()
     def hard_states(self, prompts: list[str], words: list[str]) -> Tensor:
         """States of the hard prompts, one row per prompt: prompt i takes word ``i % N``.
