@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from datencoder.checkpoints import write_json_atomic, write_text_atomic  # noqa: E402
+from datencoder.io import write_json_atomic, write_text_atomic  # noqa: E402
 from datencoder.health import embedding_health  # noqa: E402
 from datencoder.image_io import image_to_tensor, load_image  # noqa: E402
 from datencoder.system import DEFAULT_ENCODER_DIR, EncoderSystem  # noqa: E402

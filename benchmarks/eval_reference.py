@@ -28,12 +28,12 @@ from PIL import Image  # noqa: E402
 
 from datencoder.base import load_base  # noqa: E402
 from datencoder.config import load_config  # noqa: E402
-from datencoder.data.emoji import compose  # noqa: E402
-from datencoder.evaluation import (EvalConfig, _write_records, parse_prompt, records_file, score_images,  # noqa: E402
+from datencoder.emoji.data import compose  # noqa: E402
+from datencoder.eval.harness import (EvalConfig, _write_records, parse_prompt, records_file, score_images,  # noqa: E402
                                    select_targets)
-from datencoder.evaluator import load_evaluator  # noqa: E402
+from datencoder.emoji.evaluator import load_evaluator  # noqa: E402
 from datencoder.image_io import load_image  # noqa: E402
-from datencoder.minisd.sampling import vae_roundtrip  # noqa: E402
+from datencoder.emoji.minisd.sampling import vae_roundtrip  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,9 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from datencoder.base import load_base  # noqa: E402
-from datencoder.checkpoints import write_json_atomic  # noqa: E402
+from datencoder.io import write_json_atomic  # noqa: E402
 from datencoder.config import load_config  # noqa: E402
-from datencoder.evaluation import EvalConfig, personalize_with, reset_peak_memory, select_targets  # noqa: E402
+from datencoder.eval.harness import EvalConfig, personalize_with, reset_peak_memory, select_targets  # noqa: E402
 from datencoder.image_io import image_to_tensor, load_image  # noqa: E402
 
 

@@ -20,10 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from datencoder.base import load_base  # noqa: E402
-from datencoder.data.emoji import POSITIONS  # noqa: E402
-from datencoder.evaluator import load_evaluator  # noqa: E402
+from datencoder.emoji.data import POSITIONS  # noqa: E402
+from datencoder.emoji.evaluator import load_evaluator  # noqa: E402
 from datencoder.image_io import make_grid, save_image_atomic  # noqa: E402
-from datencoder.minisd.sampling import make_pipeline  # noqa: E402
+from datencoder.emoji.minisd.sampling import make_pipeline  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

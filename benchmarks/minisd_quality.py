@@ -32,10 +32,10 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from datencoder.base import load_base  # noqa: E402
-from datencoder.data.emoji import BACKGROUNDS, POSITIONS, SIZES, compose, dominant_colour  # noqa: E402
-from datencoder.emoji_batches import composition_index, load_rows_uint8, read_rows  # noqa: E402
-from datencoder.evaluator import HEADS, load_evaluator  # noqa: E402
-from datencoder.minisd.sampling import make_pipeline, vae_roundtrip  # noqa: E402
+from datencoder.emoji.data import BACKGROUNDS, POSITIONS, SIZES, compose, dominant_colour  # noqa: E402
+from datencoder.emoji.batches import composition_index, load_rows_uint8, read_rows  # noqa: E402
+from datencoder.emoji.evaluator import HEADS, load_evaluator  # noqa: E402
+from datencoder.emoji.minisd.sampling import make_pipeline, vae_roundtrip  # noqa: E402
 
 STYLES = ("noto", "twemoji", "openmoji")  # fluent3d is the held-out style of every concept
 # Every 8th prompt drops the style, every 8th (offset 4) drops size and position; those

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from datencoder.base import load_base
-    from datencoder.minisd.sampling import make_pipeline
+    from datencoder.emoji.minisd.sampling import make_pipeline
 
     loads = [load_seconds(args.pretrained, args.threads, True) for _ in range(args.repeats)]
     torches, libraries, firsts, seconds = ([run[i] for run in loads] for i in range(4))

@@ -25,16 +25,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from datencoder.emoji_batches import composition_index, load_rows_uint8, read_rows  # noqa: E402
-from datencoder.evaluator import load_evaluator  # noqa: E402
+from datencoder.emoji.batches import composition_index, load_rows_uint8, read_rows  # noqa: E402
+from datencoder.emoji.evaluator import load_evaluator  # noqa: E402
 
 
 def load_vae(path: Path):
     from diffusers import AutoencoderKL
 
     if (path / "checkpoint.json").exists():  # a training work dir: its EMA weights
-        from datencoder.minisd.checkpoint import load_ema_weights
-        from datencoder.minisd.models import MiniVAEConfig, build_vae
+        from datencoder.emoji.minisd.checkpoint import load_ema_weights
+        from datencoder.emoji.minisd.models import MiniVAEConfig, build_vae
 
         arch = MiniVAEConfig(**json.loads((path / "checkpoint.json").read_text())["config"]["model"])
         vae = build_vae(arch)

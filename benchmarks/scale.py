@@ -147,7 +147,7 @@ def measure(model: str, arch: str, stage: str, option: str, batch: int, args) ->
 
     from datencoder.base import load_base, resolve_device
     from datencoder.config import load_config
-    from datencoder.evaluation import reset_peak_memory
+    from datencoder.eval.harness import reset_peak_memory
     from datencoder.system import EncoderSystem
 
     torch.set_num_threads(args.threads)

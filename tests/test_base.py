@@ -10,7 +10,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from datencoder.base import DEFAULT_BASE, _ASSETS, base_fingerprint, load_base
+from datencoder.base import DEFAULT_BASE, base_fingerprint, load_base
+from datencoder.io import ASSETS
 from datencoder.errors import DatencoderError
 from datencoder.testing import build_tiny_base
 
@@ -108,7 +109,7 @@ def test_missing_and_offline_sources_fail_fast(tiny_base_dir, tmp_path):
 
 
 def test_embedded_default_missing_is_clear():
-    if (_ASSETS / DEFAULT_BASE / "unet").is_dir():
+    if (ASSETS / DEFAULT_BASE / "unet").is_dir():
         pytest.skip("embedded model installed")
     with pytest.raises(DatencoderError, match="embedded base model 'minisd-emoji' is not installed"):
         load_base()

@@ -262,3 +262,27 @@ def test_any_transformers_vision_tower_works(tiny_base_dir, tmp_path):
     pixels = torch.rand(2, 3, base.resolution, base.resolution) * 2 - 1
     terms = system.training_terms(pixels, ["S*", "a photo of S*"], torch.Generator().manual_seed(0))
     assert all(torch.isfinite(v) for v in terms.values())
+
+
+def test_method_modules_never_import_the_emoji_wing_or_the_harness():
+    """The method (every top-level module, and any subpackage other than the emoji proving
+    ground, the evaluation harness and the commands) loads without ``datencoder.emoji`` or
+    ``datencoder.eval``: a user with a real base never pays for, or depends on, either."""
+    import subprocess
+    import sys
+
+    root = Path(__import__("datencoder").__file__).parent
+    wings = {"emoji", "eval", "recipes"}
+    modules = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        if parts[0] in wings or parts[-1] == "testing":
+            continue
+        parts = parts[:-1] if parts[-1] == "__init__" else parts
+        modules.append(".".join(("datencoder", *parts)))
+    assert "datencoder.tuning" in modules and "datencoder.pipeline" in modules
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('datencoder.emoji', 'datencoder.eval'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]", out

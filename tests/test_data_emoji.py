@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from datencoder.data.emoji import (BACKGROUNDS, CANVAS, MARGIN, POSITIONS, SIZES, STYLES,
+from datencoder.emoji.data import (BACKGROUNDS, CANVAS, MARGIN, POSITIONS, SIZES, STYLES,
                                    Concept, compose, dominant_colour, fit_square, key_from_text,
                                    make_caption, normalize_key, sample_compositions,
                                    select_heldout, split_for)
-from datencoder.data.emoji_build import compose_dataset
+from datencoder.emoji.build import compose_dataset
 
 MANIFEST_KEYS = {"file", "source", "concept", "name", "category", "subcategory", "style", "split",
                  "background", "size", "position", "caption"}

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from datencoder.base import SUPPORTED_PIPELINES, check_family, load_base
-from datencoder.checkpoints import check_output, save_tensors_atomic, write_json_atomic
+from datencoder.io import check_output, save_tensors_atomic, write_json_atomic
 from datencoder.concept import Concept
 from datencoder.config import Config, TuneConfig, apply_overrides, from_dict, load_config, shipped_configs_dir
 from datencoder.errors import DatencoderError

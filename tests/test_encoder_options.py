@@ -7,7 +7,7 @@ import torch
 
 from datencoder.attention import AdapterInputs
 from datencoder.base import load_base
-from datencoder.checkpoints import load_tensors
+from datencoder.io import load_tensors
 from datencoder.config import Config, EncoderConfig, TuneConfig, from_dict
 from datencoder.errors import DatencoderError
 from datencoder.system import DEFAULT_ENCODER_DIR, EncoderSystem

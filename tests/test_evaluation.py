@@ -13,13 +13,13 @@ from PIL import Image
 
 from datencoder.attention import AdapterInputs
 from datencoder.base import load_base
-from datencoder.baselines import (DreamBoothLoRAConfig, TextualInversionConfig, add_peft_lora, dreambooth_lora,
+from datencoder.eval.baselines import (DreamBoothLoRAConfig, TextualInversionConfig, add_peft_lora, dreambooth_lora,
                                   peft_factors, textual_inversion)
 from datencoder.config import Config, from_dict, load_config, to_dict
-from datencoder.data.emoji import BACKGROUNDS, POSITIONS, SIZES, STYLES
+from datencoder.emoji.data import BACKGROUNDS, POSITIONS, SIZES, STYLES
 from datencoder.errors import DatencoderError
-from datencoder.evaluation import EvalConfig, TargetsConfig, parse_prompt, read_records, run_evaluation, select_targets
-from datencoder.evaluator import EvaluatorArch, EvaluatorNet, save_evaluator
+from datencoder.eval.harness import EvalConfig, TargetsConfig, parse_prompt, read_records, run_evaluation, select_targets
+from datencoder.emoji.evaluator import EvaluatorArch, EvaluatorNet, save_evaluator
 from datencoder.export import EMBEDDING_FILE, LORA_FILE, export_concept
 from datencoder.pipeline import ConceptPipeline
 from datencoder.system import EncoderSystem
@@ -212,7 +212,7 @@ def test_harness_writes_reports_and_resumes(tiny_base_dir, emoji_root, evaluator
 
 def test_shards_split_the_targets_between_processes(tiny_base_dir, emoji_root, evaluator_dir, encoder_dir,
                                                     tmp_path):
-    from datencoder.evaluation import parse_shard
+    from datencoder.eval.harness import parse_shard
 
     cfg = _eval_config(tiny_base_dir, emoji_root, evaluator_dir, encoder_dir, tmp_path / "eval")
     cfg.methods = [m for m in cfg.methods if m.name == "ti-2"]
@@ -229,7 +229,7 @@ def test_shards_split_the_targets_between_processes(tiny_base_dir, emoji_root, e
 @pytest.mark.parametrize("kind", ["textual_inversion", "dreambooth_lora"])
 def test_continued_baseline_equals_a_straight_run(base, kind):
     """ti-100 -> ti-500 in the harness continues one run: the result must be the straight run's."""
-    from datencoder.baselines import OptimisationRun
+    from datencoder.eval.baselines import OptimisationRun
 
     if kind == "textual_inversion":
         fn, make = textual_inversion, lambda n: TextualInversionConfig(steps=n, batch_size=2, lr=0.05)
@@ -257,7 +257,7 @@ def test_continued_baseline_equals_a_straight_run(base, kind):
 
 
 def test_paired_deltas_are_per_target_differences():
-    from datencoder.evaluation_report import paired_deltas, results_markdown
+    from datencoder.eval.report import paired_deltas, results_markdown
 
     def rec(method, target, identity, ok):
         return {"method": method, "target": target, "group": "g", "identity": identity, "top1": 0, "top5": 0,
@@ -287,7 +287,7 @@ def test_shipped_eval_config_lists_every_method():
 
 
 def test_manifest_category_filter_for_single_domain_pretraining(emoji_root):
-    from datencoder.data.folder import ImageFolderDataset, read_manifest_files
+    from datencoder.dataset import ImageFolderDataset, read_manifest_files
 
     manifest = emoji_root / "manifest.jsonl"
     splits = ["heldout_concept", "heldout_style"]

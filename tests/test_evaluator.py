@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 import datencoder
-from datencoder.data.emoji import compose
+from datencoder.emoji.data import compose
 from datencoder.errors import DatencoderError
-from datencoder.evaluator import HEADS, EvaluatorArch, EvaluatorNet, images_to_tensor, load_evaluator, locate, save_evaluator
+from datencoder.emoji.evaluator import HEADS, EvaluatorArch, EvaluatorNet, images_to_tensor, load_evaluator, locate, save_evaluator
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SHIPPED = Path(datencoder.__file__).parent / "assets" / "evaluator"

@@ -21,12 +21,13 @@ import numpy as np
 import pytest
 from test_export import _random_concept
 
-from datencoder.base import _ASSETS, DEFAULT_BASE, load_base
+from datencoder.base import DEFAULT_BASE, load_base
+from datencoder.io import ASSETS
 from datencoder.export import export_concept
 from datencoder.export_base import assembly_readme, export_base
 from datencoder.pipeline import ConceptPipeline
 
-SHIPPED = _ASSETS / DEFAULT_BASE
+SHIPPED = ASSETS / DEFAULT_BASE
 pytestmark = pytest.mark.skipif(not (SHIPPED / "unet").is_dir(), reason="minisd-emoji is not installed")
 
 RUNNER = textwrap.dedent("""

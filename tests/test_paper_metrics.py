@@ -11,9 +11,9 @@ from PIL import Image
 
 from datencoder.config import from_dict
 from datencoder.errors import DatencoderError
-from datencoder.evaluation import EvalConfig, folder_targets, read_records, run_evaluation
-from datencoder.evaluation_report import results_markdown
-from datencoder.paper_metrics import ClipScorer, PaperMetrics, class_prompt
+from datencoder.eval.harness import EvalConfig, folder_targets, read_records, run_evaluation
+from datencoder.eval.report import results_markdown
+from datencoder.eval.paper_metrics import ClipScorer, PaperMetrics, class_prompt
 from datencoder.testing import build_tiny_clip, build_tiny_dino
 
 

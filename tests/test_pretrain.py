@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from datencoder.config import Config, TrainConfig, load_config, shipped_configs_dir
-from datencoder.data.folder import ImageFolderDataset
+from datencoder.dataset import ImageFolderDataset
 from datencoder.errors import DatencoderError
 from datencoder.recipes import cli
 from datencoder.recipes.pretrain import lr_factor, train
@@ -88,8 +88,8 @@ def test_lr_schedule():
 
 
 def _config_classes() -> dict[str, type]:
-    from datencoder.evaluation import EvalConfig
-    from datencoder.minisd.config import UNetStageConfig, VAEStageConfig
+    from datencoder.eval.harness import EvalConfig
+    from datencoder.emoji.minisd.config import UNetStageConfig, VAEStageConfig
     from datencoder.recipes.minisd_extra import EvaluatorStageConfig, TowerStageConfig
 
     return {

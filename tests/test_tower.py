@@ -10,8 +10,8 @@ from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionModel
 
 import datencoder
-from datencoder.data.emoji import compose
-from datencoder.tower import ContrastiveTower, TowerArch, clip_loss, retrieval_accuracy, save_tower
+from datencoder.emoji.data import compose
+from datencoder.emoji.tower import ContrastiveTower, TowerArch, clip_loss, retrieval_accuracy, save_tower
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SHIPPED = Path(datencoder.__file__).parent / "assets" / "minisd-emoji" / "image_tower"

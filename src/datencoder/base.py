@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import DatencoderError
+from .io import ASSETS
 
 if TYPE_CHECKING:  # diffusers/transformers import in seconds; load them only when loading a model
     from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
@@ -45,7 +46,6 @@ __all__ = ["BaseModel", "load_base", "base_fingerprint", "check_family", "DEFAUL
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE = "minisd-emoji"
-_ASSETS = Path(__file__).resolve().parent / "assets"
 _SUBFOLDERS = ("unet", "vae", "scheduler", "tokenizer", "text_encoder")
 _LAYOUT_HINT = "pass a local diffusers folder (unet/, vae/, scheduler/, tokenizer/, text_encoder/)"
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -276,7 +276,7 @@ def _resolve(pretrained: str) -> tuple[Path | str, bool]:
     """Map the user's name to a local folder (True) or a hub id (False)."""
     pretrained = str(pretrained)
     if pretrained == DEFAULT_BASE:
-        root = _ASSETS / DEFAULT_BASE
+        root = ASSETS / DEFAULT_BASE
         if not (root / "unet").is_dir():
             raise DatencoderError(
                 f"the embedded base model '{DEFAULT_BASE}' is not installed ({root} is missing); "

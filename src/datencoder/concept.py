@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoints import check_base, file_sha256, load_tensors, read_json, save_tensors_atomic, write_json_atomic
+from .io import check_base, file_sha256, load_tensors, read_json, save_tensors_atomic, write_json_atomic
 from .errors import DatencoderError
 
 __all__ = ["Concept"]

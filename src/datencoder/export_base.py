@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 from .base import DEFAULT_BASE, BaseModel, _read_base_json, _resolve
-from .checkpoints import write_text_atomic
+from .io import write_text_atomic
 from .errors import DatencoderError
 
 __all__ = ["export_base", "check_export_dir", "load_code", "sample_code", "borrows_parts", "assembly_readme",

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoints import save_file_atomic, write_text_atomic
+from .io import save_file_atomic, write_text_atomic
 from .concept import Concept
 from .errors import DatencoderError
 from .export_base import embedding_code, is_sdxl_concept, load_code, sample_code

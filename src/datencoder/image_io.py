@@ -110,7 +110,7 @@ def save_image_atomic(image: Image.Image, path: str | Path) -> None:
         raise DatencoderError(f"cannot save {path}: unknown image extension; use .png, .jpg or .webp")
     if fmt == "JPEG" and image.mode not in ("RGB", "L"):
         image = _to_rgb(image)
-    from .checkpoints import write_atomic
+    from .io import write_atomic
 
     write_atomic(path, lambda tmp: image.save(tmp, format=fmt))
 

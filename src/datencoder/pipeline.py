@@ -18,7 +18,7 @@ from PIL import Image
 
 from .attention import AdapterInputs
 from .base import BaseModel
-from .checkpoints import check_base
+from .io import check_base
 from .concept import Concept
 from .conditioning import TextStates, encode_text
 from .config import check_seed

@@ -15,19 +15,20 @@ from torch import Tensor
 
 from .attention import DualPathProcessor, install_processors
 from .base import BaseModel, load_base
-from .checkpoints import check_base, load_tensors, read_json, save_tensors_atomic, write_json_atomic
+from .io import check_base, load_tensors, read_json, save_tensors_atomic, write_json_atomic
 from .conditioning import add_placeholders, text_vocabulary
 from .config import Config, from_dict, to_dict
 from .encoder import EncoderOutput, TuningEncoder, target_layer_shapes
 from .features import FeatureExtractor
 from .objective import NoisyLatents, Objective
+from .io import ASSETS
 
 __all__ = ["EncoderSystem", "prepare_base", "encoder_path", "resolve_encoder", "DEFAULT_ENCODER", "DEFAULT_ENCODER_DIR"]
 
 KIND = "encoder"
 DEFAULT_ENCODER = "minisd-emoji-encoder"
 """The name of the shipped encoder on the command line (like the base's ``minisd-emoji``)."""
-DEFAULT_ENCODER_DIR = Path(__file__).resolve().parent / "assets" / DEFAULT_ENCODER
+DEFAULT_ENCODER_DIR = ASSETS / DEFAULT_ENCODER
 """The encoder pre-trained on the embedded default base model, shipped in the package."""
 
 

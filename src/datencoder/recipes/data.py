@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..data.emoji_build import build_emoji_dataset
+from ..emoji.build import build_emoji_dataset
 from ..errors import DatencoderError
 
 log = logging.getLogger(__name__)

@@ -17,15 +17,16 @@ from tqdm.auto import tqdm
 from ..errors import DatencoderError
 from ..image_io import image_to_tensor, load_image, make_grid, save_image_atomic
 from ..pipeline import ConceptPipeline
-from ..checkpoints import check_output
+from ..io import check_output
 from ..config import check_seed
 from ..system import DEFAULT_ENCODER, DEFAULT_ENCODER_DIR, EncoderSystem
 from ..tuning import peak_memory_mb, personalize
 from .options import add_device_arguments, device_options
+from ..io import ASSETS
 
 log = logging.getLogger("datencoder.demo")
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
+DEMO_DIR = ASSETS / "demo"
 PROMPTS = [
     "S*",
     "S*, on a blue background",

@@ -1,6 +1,6 @@
 """``datencoder evaluate CONFIG [key=value ...] [--methods a,b]``: compare methods on emoji targets.
 
-Setup (config, targets), the harness (``datencoder.evaluation.run_evaluation``: personalise,
+Setup (config, targets), the harness (``datencoder.eval.harness.run_evaluation``: personalise,
 generate, score every (method, target) pair not yet recorded in OUTPUT/records/), then the reports:
 OUTPUT/records.jsonl (all methods), OUTPUT/results.md, OUTPUT/scatter.png and example grids.
 Re-running the same command resumes.
@@ -30,10 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ..checkpoints import write_text_atomic
+    from ..io import write_text_atomic
     from ..config import load_config
-    from ..evaluation import EvalConfig, method_targets, parse_shard, read_records, run_evaluation, select_targets
-    from ..evaluation_report import example_grids, results_markdown, scatter_plot
+    from ..eval.harness import EvalConfig, method_targets, parse_shard, read_records, run_evaluation, select_targets
+    from ..eval.report import example_grids, results_markdown, scatter_plot
     from ..image_io import save_image_atomic
 
     cfg = load_config(args.config, args.overrides, cls=EvalConfig)

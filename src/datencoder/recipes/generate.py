@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..base import load_base
-    from ..checkpoints import check_output, write_json_atomic
+    from ..io import check_output, write_json_atomic
     from ..concept import Concept
     from ..config import check_seed
     from ..errors import DatencoderError

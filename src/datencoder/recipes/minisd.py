@@ -20,14 +20,14 @@ from safetensors.torch import load_file
 
 from ..config import from_dict, load_config, to_dict
 from ..errors import DatencoderError
-from ..minisd.checkpoint import atomic_save_tensors, load_ema_weights
-from ..minisd.config import UNetStageConfig, VAEStageConfig
-from ..minisd.data import build_caption_table, caption_parts, encode_text, load_images, load_text_encoder, read_manifest
-from ..minisd.export import default_export_dir, export_minisd
-from ..minisd.losses import diffusion_loss, vae_loss
-from ..minisd.models import MiniVAEConfig, build_scheduler, build_unet, build_vae, seeded_init
-from ..minisd.sampling import make_pipeline, sample_images, save_grid
-from ..minisd.training import train
+from ..emoji.minisd.checkpoint import atomic_save_tensors, load_ema_weights
+from ..emoji.minisd.config import UNetStageConfig, VAEStageConfig
+from ..emoji.minisd.data import build_caption_table, caption_parts, encode_text, load_images, load_text_encoder, read_manifest
+from ..emoji.minisd.export import default_export_dir, export_minisd
+from ..emoji.minisd.losses import diffusion_loss, vae_loss
+from ..emoji.minisd.models import MiniVAEConfig, build_scheduler, build_unet, build_vae, seeded_init
+from ..emoji.minisd.sampling import make_pipeline, sample_images, save_grid
+from ..emoji.minisd.training import train
 from .minisd_extra import EvaluatorStageConfig, TowerStageConfig, run_evaluator, run_tower
 
 logger = logging.getLogger(__name__)

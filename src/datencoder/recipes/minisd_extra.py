@@ -27,19 +27,19 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from ..config import to_dict
-from ..data.emoji import STYLE_WORDS, STYLES
-from ..emoji_batches import (AugmentConfig, SourceBank, augment, composition_index, load_rows_uint8,
+from ..emoji.data import STYLE_WORDS, STYLES
+from ..emoji.batches import (AugmentConfig, SourceBank, augment, composition_index, load_rows_uint8,
                              read_concepts, read_rows)
-from ..evaluator import HEADS, EvaluatorArch, EvaluatorNet, save_evaluator
-from ..minisd.checkpoint import atomic_save_tensors, atomic_write_text
-from ..minisd.data import load_text_encoder
-from ..minisd.training import MiniTrainConfig, train
-from ..tower import ContrastiveTower, TowerArch, clip_loss, retrieval_accuracy, save_tower, sentence_embeddings
+from ..emoji.evaluator import HEADS, EvaluatorArch, EvaluatorNet, save_evaluator
+from ..emoji.minisd.checkpoint import atomic_save_tensors, atomic_write_text
+from ..emoji.minisd.data import load_text_encoder
+from ..emoji.minisd.training import MiniTrainConfig, train
+from ..emoji.tower import ContrastiveTower, TowerArch, clip_loss, retrieval_accuracy, save_tower, sentence_embeddings
+from ..io import ASSETS
 
 __all__ = ["TowerStageConfig", "EvaluatorStageConfig", "run_tower", "run_evaluator", "full_caption"]
 
 logger = logging.getLogger(__name__)
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 @dataclass

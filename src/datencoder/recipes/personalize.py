@@ -56,7 +56,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def _check_out(args: argparse.Namespace) -> None:
     """--out must be writable, and an existing concept is replaced only on request."""
-    from ..checkpoints import check_output
+    from ..io import check_output
     from ..errors import DatencoderError
 
     out = check_output(args.out)
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..base import load_base
-    from ..checkpoints import read_json
+    from ..io import read_json
     from ..image_io import image_to_tensor, load_image
     from ..system import EncoderSystem, resolve_encoder
     from ..tuning import personalize

@@ -35,13 +35,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..base import DEFAULT_BASE, load_base, resolve_device
-from ..checkpoints import check_output, load_tensors, read_json, save_tensors_atomic, write_json_atomic
+from ..io import check_output, load_tensors, read_json, save_tensors_atomic, write_json_atomic
 from ..config import Config, TrainConfig, load_config, to_dict
-from ..data.folder import ImageFolderDataset
+from ..dataset import ImageFolderDataset
 from ..errors import DatencoderError
 from ..health import nearest_word_stats
 from ..image_io import make_grid, save_image_atomic
-from ..minisd.checkpoint import load_optimizer_tensors, optimizer_tensors
+from ..emoji.minisd.checkpoint import load_optimizer_tensors, optimizer_tensors
 from ..pipeline import ConceptPipeline
 from ..system import EncoderSystem
 from ..tokens import nearest_tokens

@@ -37,7 +37,7 @@ def load_system(encoder: str | Path, base: str | None = None, device: str = "cpu
     import torch
 
     from ...base import load_base
-    from ...checkpoints import read_json
+    from ...io import read_json
     from ...system import EncoderSystem, resolve_encoder
 
     try:

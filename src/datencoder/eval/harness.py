@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import write_json_atomic, write_text_atomic
-from .config import from_dict, to_dict
-from .errors import DatencoderError
+from ..io import write_json_atomic, write_text_atomic
+from ..config import from_dict, to_dict
+from ..errors import DatencoderError
 
 __all__ = ["MethodConfig", "TargetGroup", "TargetsConfig", "EvalConfig", "Target", "select_targets",
            "parse_prompt", "personalize_with", "score_images", "score_all", "run_evaluation", "read_records", "pair_file",
@@ -284,7 +284,7 @@ def parse_prompt(prompt: str) -> dict[str, str]:
 
     "S*, small, top left, on a blue background" -> {size: small, position: top left, background: blue}.
     """
-    from .data.emoji import BACKGROUNDS, POSITIONS, SIZES
+    from ..emoji.data import BACKGROUNDS, POSITIONS, SIZES
 
     found: dict[str, str] = {}
     for part in (p.strip().lower() for p in prompt.split(",")):
@@ -328,8 +328,8 @@ def personalize_with(method: MethodConfig, base, pixels: torch.Tensor, system_ca
         return dreambooth_lora(base, pixels, from_dict(DreamBoothLoRAConfig, {**method.overrides,
                                                                               "steps": method.steps}),
                                info=info, run=run)
-    from .system import EncoderSystem
-    from .tuning import personalize
+    from ..system import EncoderSystem
+    from ..tuning import personalize
 
     if method.name not in system_cache:
         overrides = {s: dict(v) for s, v in method.overrides.items()}
@@ -383,7 +383,7 @@ def score_all(scorers: dict, images, reference, target: Target, prompts: list[st
 def _load_scorers(cfg: EvalConfig) -> dict:
     scorers: dict = {}
     if "emoji" in cfg.scorers:
-        from .evaluator import load_evaluator
+        from ..emoji.evaluator import load_evaluator
 
         scorers["emoji"] = load_evaluator(cfg.evaluator)
     if "clip" in cfg.scorers or "dino" in cfg.scorers:
@@ -453,9 +453,9 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
     length, and its reported seconds are those of the whole run.
     ``on_pair(method, target, ran)`` reports progress.
     """
-    from .base import load_base
-    from .image_io import image_to_tensor, load_image, save_image_atomic
-    from .pipeline import ConceptPipeline
+    from ..base import load_base
+    from ..image_io import image_to_tensor, load_image, save_image_atomic
+    from ..pipeline import ConceptPipeline
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -474,7 +474,7 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
     unknown = sorted(set(methods or []) - {m.name for m in cfg.methods})
     if unknown:
         raise DatencoderError(f"unknown method(s) {unknown}; the config has {[m.name for m in cfg.methods]}")
-    from .system import encoder_path
+    from ..system import encoder_path
 
     missing = [f"{m.name} ({m.encoder})" for m in chosen
                if m.kind == "ours" and not (encoder_path(m.encoder) / "encoder.json").is_file()]

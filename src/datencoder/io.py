@@ -9,14 +9,19 @@ for another base model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import numpy as np
 
 import torch
+from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -24,6 +29,11 @@ from .errors import DatencoderError
 
 __all__ = [
     "write_atomic",
+    "atomic_dir",
+    "replace_dir",
+    "to_pixels",
+    "to_uint8",
+    "to_pil",
     "write_json_atomic",
     "write_text_atomic",
     "save_file_atomic",
@@ -34,9 +44,13 @@ __all__ = [
     "check_output",
     "file_sha256",
     "FORMAT_VERSION",
+    "ASSETS",
 ]
 
 FORMAT_VERSION = 1
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+"""The package's shipped assets (embedded base, encoder, evaluator, demo images)."""
 
 
 def _atomic(path: str | Path, write) -> None:
@@ -176,3 +190,61 @@ def check_base(artifact: str, recorded: dict, base) -> None:
             f"(fingerprint {recorded.get('fingerprint')}), but the loaded base is '{base.name}' "
             f"({base.fingerprint}); load the matching base with --base/model.pretrained"
         )
+
+
+# -- folders ---------------------------------------------------------------------------------
+def replace_dir(tmp: str | Path, final: str | Path) -> None:
+    """Swap the finished folder ``tmp`` in at ``final`` (an older ``final`` is replaced).
+
+    Two renames: ``final`` -> ``.final.old``, ``tmp`` -> ``final``. A crash between them leaves the
+    previous folder whole at ``.final.old`` (readers that resume look there too)."""
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """``with atomic_dir(out) as tmp:`` write the whole folder into ``tmp``; on success it replaces
+    ``out`` in one swap (``replace_dir``), on any error ``tmp`` is removed and ``out`` is untouched."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# -- pixels ----------------------------------------------------------------------------------
+# The one conversion pair between 8-bit images and the [-1, 1] float tensors every model here
+# reads and writes (channels first). Everything else calls these.
+def to_pixels(images: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """8-bit RGB (a PIL image, or an ``[..., H, W, 3]`` uint8 array/tensor) -> float32
+    ``[..., 3, H, W]`` in [-1, 1]."""
+    if isinstance(images, Image.Image):
+        images = np.asarray(images.convert("RGB"))
+    x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+    return x.float().movedim(-1, -3) / 127.5 - 1.0
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """float ``[..., 3, H, W]`` in [-1, 1] (clamped) -> uint8 ``[..., H, W, 3]``."""
+    return ((pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1)
+
+
+def to_pil(pixels: torch.Tensor) -> Image.Image | list[Image.Image]:
+    """``[3, H, W]`` in [-1, 1] -> one RGB image; ``[N, 3, H, W]`` -> a list of them."""
+    array = to_uint8(pixels).numpy()
+    if array.ndim == 3:
+        return Image.fromarray(array)
+    return [Image.fromarray(a) for a in array]

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..errors import DatencoderError
+from ...errors import DatencoderError
 
 logger = logging.getLogger(__name__)
 

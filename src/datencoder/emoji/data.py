@@ -1,8 +1,8 @@
 """Pure pieces of the emoji data set: keys, splits, compositions and captions.
 
 Nothing here touches the network, npm or apt, so the tests exercise it offline on fixture
-images. Source discovery and rendering live in :mod:`datencoder.data.emoji_sources`, the
-build pipeline in :mod:`datencoder.data.emoji_build`.
+images. Source discovery and rendering live in :mod:`datencoder.emoji.sources`, the
+build pipeline in :mod:`datencoder.emoji.build`.
 """
 
 from __future__ import annotations

@@ -29,15 +29,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .augment import augment_views
-from .base import BaseModel
-from .concept import Concept
-from .conditioning import text_vocabulary, word_embedding
-from .config import Config, DataConfig, from_dict, to_dict
-from .encoder import target_layer_shapes
-from .errors import DatencoderError
-from .objective import Objective
-from .system import EncoderSystem, prepare_base
+from ..augment import augment_views
+from ..base import BaseModel
+from ..concept import Concept
+from ..conditioning import text_vocabulary, word_embedding
+from ..config import Config, DataConfig, from_dict, to_dict
+from ..encoder import target_layer_shapes
+from ..errors import DatencoderError
+from ..objective import Objective
+from ..system import EncoderSystem, prepare_base
 
 __all__ = ["TextualInversionConfig", "DreamBoothLoRAConfig", "OptimisationRun", "textual_inversion",
            "dreambooth_lora", "add_peft_lora", "peft_factors"]
@@ -143,7 +143,7 @@ def _optimise(objective: Objective, base: BaseModel, pixels: Tensor, steps: rang
 
 def _advance(run: OptimisationRun, steps: int, start: float, optimise: Callable[[range], None]) -> None:
     """Optimise from ``run.steps`` to ``steps`` and add the time (``start``: this call's start) and peak."""
-    from .tuning import peak_memory_mb
+    from ..tuning import peak_memory_mb
 
     optimise(range(run.steps, steps))
     run.steps = steps

@@ -13,7 +13,7 @@ import torch
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-from ..errors import DatencoderError
+from ...errors import DatencoderError
 
 
 @dataclass

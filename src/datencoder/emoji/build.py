@@ -21,10 +21,10 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from .emoji import (STYLES, Concept, compose, dominant_colour, sample_compositions,
+from .data import (STYLES, Concept, compose, dominant_colour, sample_compositions,
                     select_heldout, split_for)
-from .emoji_attribution import write_attribution
-from .emoji_sources import (Sources, discover_sources, index_files, load_openmoji_concepts,
+from .attribution import write_attribution
+from .sources import (Sources, discover_sources, index_files, load_openmoji_concepts,
                             noto_supports, render_source)
 
 __all__ = ["build_emoji_dataset", "compose_dataset", "compose_concept", "write_jsonl"]

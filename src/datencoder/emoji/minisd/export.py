@@ -11,10 +11,11 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from .data import TEXT_ENCODER_PACKAGE
+from ...io import ASSETS
 
 
 def default_export_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "assets" / "minisd-emoji"
+    return ASSETS / "minisd-emoji"
 
 
 def export_minisd(
@@ -59,7 +60,7 @@ def export_minisd(
     shutil.rmtree(tmp, ignore_errors=True)
     if out_dir.resolve() == default_export_dir():
         # How to load the shipped folder without datencoder (the code finds the installed package).
-        from ..export_base import assembly_readme
+        from ...export_base import assembly_readme
 
         (out_dir / "README.txt").write_text(assembly_readme(name))
     return out_dir

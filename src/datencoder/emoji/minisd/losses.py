@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-from ..errors import DatencoderError
-from ..objective import diffusion_target, min_snr_weights
+from ...errors import DatencoderError
+from ...objective import diffusion_target, min_snr_weights
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import DatencoderError
+from ..errors import DatencoderError
 
 __all__ = ["Preprocess", "ClipScorer", "DinoScorer", "PaperMetrics", "class_prompt", "METRIC_KEYS"]
 
@@ -96,7 +96,7 @@ def _load(cls, src: str, what: str):
         raise DatencoderError(f"{what} model {src!r}: no such folder; give a {cls.__name__} folder or hub id")
     from transformers import AutoConfig
 
-    from .base import quiet_loading
+    from ..base import quiet_loading
 
     where = str(local) if local.is_dir() else src
     try:

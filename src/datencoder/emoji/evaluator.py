@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from .config import from_dict, to_dict
-from .errors import DatencoderError
+from ..config import from_dict, to_dict
+from ..errors import DatencoderError
+from ..io import ASSETS
 
 __all__ = ["EvaluatorArch", "EvaluatorNet", "Evaluator", "load_evaluator", "save_evaluator", "locate", "HEADS"]
 
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 HEADS = ("concept", "style", "background", "position", "size")
 """Classification heads, in the order the network returns them."""
 
-DEFAULT_DIR = Path(__file__).parent / "assets" / "evaluator"
+DEFAULT_DIR = ASSETS / "evaluator"
 
 
 @dataclass

@@ -4,7 +4,7 @@ Two sources of examples:
 
 * ``load_rows_uint8``: the composed images of the data set, as one uint8 tensor.
 * ``SourceBank``: fresh compositions drawn on the fly from the clean RGBA sources, pasted with
-  exactly the data set's rules (``datencoder.data.emoji``: sizes, margins, placement, colours).
+  exactly the data set's rules (``datencoder.emoji.data``: sizes, margins, placement, colours).
   Every draw is a new (size, position, background) example with exact labels, which is what
   a classifier that must recognise ~1,850 concepts from four renders each needs.
 
@@ -27,8 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .data.emoji import BACKGROUNDS, POSITIONS, SIZES, _alpha_bbox, fit_square, placement
-from .errors import DatencoderError
+from .data import BACKGROUNDS, POSITIONS, SIZES, _alpha_bbox, fit_square, placement
+from ..errors import DatencoderError
 
 __all__ = ["read_rows", "read_concepts", "load_rows_uint8", "SourceBank", "AugmentConfig", "augment",
            "composition_index"]

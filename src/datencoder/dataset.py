@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..augment import augment_views
-from ..errors import DatencoderError
-from ..image_io import image_to_tensor, load_image
+from .augment import augment_views
+from .errors import DatencoderError
+from .image_io import image_to_tensor, load_image
 
 __all__ = ["ImageFolderDataset", "scan_images", "read_manifest_files"]
 

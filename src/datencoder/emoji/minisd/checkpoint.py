@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from ..checkpoints import save_file_atomic, write_text_atomic
-from ..errors import DatencoderError
+from ...io import save_file_atomic, write_text_atomic
+from ...errors import DatencoderError
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -1,6 +1,6 @@
 """Where the emoji art comes from: npm packages, the Debian Noto font, and rasterising them.
 
-Kept apart from :mod:`datencoder.data.emoji` so the pure helpers run without npm or apt.
+Kept apart from :mod:`datencoder.emoji.data` so the pure helpers run without npm or apt.
 Every missing tool is a ``DatencoderError`` that names exactly what to install.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import DatencoderError
-from .emoji import CANVAS, Concept, fit_square, normalize_key
+from .data import CANVAS, Concept, fit_square, normalize_key
 
 __all__ = ["NPM_PACKAGES", "Sources", "discover_sources", "load_openmoji_concepts",
            "noto_supports", "render_source"]

@@ -212,7 +212,7 @@ def scatter_plot(records: list[dict], size: tuple[int, int] = (900, 520)) -> Ima
 
 def example_grids(records: list[dict], out_dir: str | Path, max_targets: int = 2) -> list[Path]:
     """One grid per target (the first ``max_targets``): a row per method, input image then prompts."""
-    from .image_io import load_image, make_grid, save_image_atomic
+    from ..image_io import load_image, make_grid, save_image_atomic
 
     out_dir = Path(out_dir)
     targets = list(dict.fromkeys(r["target"] for r in records if r.get("file")))[:max_targets]

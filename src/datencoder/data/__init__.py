@@ -1,1 +1,0 @@
-"""Training data sets (``datencoder data ...``): builders and their pure helpers."""
