@@ -29,8 +29,10 @@ from PIL import Image  # noqa: E402
 from datencoder.base import load_base  # noqa: E402
 from datencoder.config import load_config  # noqa: E402
 from datencoder.emoji.data import compose  # noqa: E402
-from datencoder.eval.harness import (EvalConfig, _write_records, parse_prompt, records_file, score_images,  # noqa: E402
-                                   select_targets)
+from datencoder.eval.config import EvalConfig  # noqa: E402
+from datencoder.eval.records import records_file, write_records  # noqa: E402
+from datencoder.eval.scoring import parse_prompt, score_images  # noqa: E402
+from datencoder.eval.targets import select_targets  # noqa: E402
 from datencoder.emoji.evaluator import load_evaluator  # noqa: E402
 from datencoder.image_io import load_image  # noqa: E402
 from datencoder.emoji.minisd.sampling import vae_roundtrip  # noqa: E402
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "group": target.group, "prompt": prompt, "prompt_index": i, "seed": 0,
                                    "file": None, **rec, "seconds": None, "peak_mb": None, "hard_word": None})
     for name, records in rows.items():
-        _write_records(records_file(out, name), records)
+        write_records(records_file(out, name), records)
         ident = sum(r["identity"] for r in records) / len(records)
         print(f"{name}: {len(records)} images, mean identity {ident:.3f} -> {records_file(out, name)}")
     return 0

@@ -28,7 +28,9 @@ import torch  # noqa: E402
 from datencoder.base import load_base  # noqa: E402
 from datencoder.io import write_json_atomic  # noqa: E402
 from datencoder.config import load_config  # noqa: E402
-from datencoder.eval.harness import EvalConfig, personalize_with, reset_peak_memory, select_targets  # noqa: E402
+from datencoder.eval.config import EvalConfig  # noqa: E402
+from datencoder.eval.harness import personalize_with, reset_peak_memory  # noqa: E402
+from datencoder.eval.targets import select_targets  # noqa: E402
 from datencoder.image_io import image_to_tensor, load_image  # noqa: E402
 
 

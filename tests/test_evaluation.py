@@ -18,7 +18,11 @@ from datencoder.eval.baselines import (DreamBoothLoRAConfig, TextualInversionCon
 from datencoder.config import Config, from_dict, load_config, to_dict
 from datencoder.emoji.data import BACKGROUNDS, POSITIONS, SIZES, STYLES
 from datencoder.errors import DatencoderError
-from datencoder.eval.harness import EvalConfig, TargetsConfig, parse_prompt, read_records, run_evaluation, select_targets
+from datencoder.eval.config import EvalConfig, TargetsConfig
+from datencoder.eval.harness import run_evaluation
+from datencoder.eval.records import read_records
+from datencoder.eval.scoring import parse_prompt
+from datencoder.eval.targets import select_targets
 from datencoder.emoji.evaluator import EvaluatorArch, EvaluatorNet, save_evaluator
 from datencoder.export import EMBEDDING_FILE, LORA_FILE, export_concept
 from datencoder.pipeline import ConceptPipeline
@@ -212,7 +216,7 @@ def test_harness_writes_reports_and_resumes(tiny_base_dir, emoji_root, evaluator
 
 def test_shards_split_the_targets_between_processes(tiny_base_dir, emoji_root, evaluator_dir, encoder_dir,
                                                     tmp_path):
-    from datencoder.eval.harness import parse_shard
+    from datencoder.eval.records import parse_shard
 
     cfg = _eval_config(tiny_base_dir, emoji_root, evaluator_dir, encoder_dir, tmp_path / "eval")
     cfg.methods = [m for m in cfg.methods if m.name == "ti-2"]
@@ -305,3 +309,27 @@ def test_missing_encoder_fails_before_any_work(tiny_base_dir, emoji_root, evalua
     with pytest.raises(DatencoderError, match=r"no pre-trained encoder for ours-1 \("):
         run_evaluation(cfg)
     assert not (tmp_path / "eval" / "records.jsonl").exists()
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"sample_steps": 0}, "sample_steps must be >= 1"),
+    ({"guidance": float("nan")}, "guidance must be a finite number"),
+    ({"scheduler": "plms"}, "scheduler must be one of"),
+    ({"grids": -1}, "grids must be >= 0"),
+    ({"seeds": [-1]}, "every evaluation seed"),
+    ({"targets": {"groups": [{"name": "g"}]}}, "targets.groups need targets.manifest"),
+    ({"targets": {"manifest": "m.jsonl", "groups": [{"name": "g", "per_category": 0}]}}, "per_category must be >= 1"),
+    ({"targets": {"class_words": "c.json"}}, "set targets.folder too"),
+    ({"targets": {"seed": -3}}, "targets.seed"),
+    ({"methods": [{"name": "m", "kind": "textual_inversion", "steps": -1}]}, "steps must be >= 0"),
+])
+def test_eval_config_rejects_out_of_domain_values_at_load(data, message):
+    with pytest.raises(DatencoderError, match=message):
+        from_dict(EvalConfig, data)
+
+
+def test_eval_config_schedulers_are_the_pipelines():
+    from datencoder.eval.config import SCHEDULERS
+    from datencoder.pipeline import SCHEDULERS as PIPELINE_SCHEDULERS
+
+    assert set(SCHEDULERS) == set(PIPELINE_SCHEDULERS)

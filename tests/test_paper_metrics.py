@@ -11,7 +11,10 @@ from PIL import Image
 
 from datencoder.config import from_dict
 from datencoder.errors import DatencoderError
-from datencoder.eval.harness import EvalConfig, folder_targets, read_records, run_evaluation
+from datencoder.eval.config import EvalConfig
+from datencoder.eval.harness import run_evaluation
+from datencoder.eval.records import read_records
+from datencoder.eval.targets import folder_targets
 from datencoder.eval.report import results_markdown
 from datencoder.eval.paper_metrics import ClipScorer, PaperMetrics, class_prompt
 from datencoder.testing import build_tiny_clip, build_tiny_dino

@@ -88,7 +88,7 @@ def test_lr_schedule():
 
 
 def _config_classes() -> dict[str, type]:
-    from datencoder.eval.harness import EvalConfig
+    from datencoder.eval.config import EvalConfig
     from datencoder.emoji.minisd.config import UNetStageConfig, VAEStageConfig
     from datencoder.recipes.minisd_extra import EvaluatorStageConfig, TowerStageConfig
 

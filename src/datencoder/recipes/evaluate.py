@@ -32,7 +32,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..io import write_text_atomic
     from ..config import load_config
-    from ..eval.harness import EvalConfig, method_targets, parse_shard, read_records, run_evaluation, select_targets
+    from ..eval.config import EvalConfig
+    from ..eval.harness import run_evaluation
+    from ..eval.records import parse_shard, read_records
+    from ..eval.targets import method_targets, select_targets
     from ..eval.report import example_grids, results_markdown, scatter_plot
     from ..image_io import save_image_atomic
 
