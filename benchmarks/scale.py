@@ -192,13 +192,14 @@ def _generate(base, cfg, steps: int) -> bool:
     import torch
 
     from datencoder.concept import Concept
-    from datencoder.encoder import target_layer_shapes
+    from datencoder.attention import target_layer_shapes
     from datencoder.pipeline import ConceptPipeline
 
     gen = torch.Generator().manual_seed(1)
     factors = {name: (0.01 * torch.randn(cfg.encoder.rank, fan_in, generator=gen),
                       0.01 * torch.randn(fan_out, cfg.encoder.rank, generator=gen))
-               for name, (fan_in, fan_out) in target_layer_shapes(base.unet, cfg.encoder).items()}
+               for name, (fan_in, fan_out) in target_layer_shapes(base.unet, cfg.encoder.targets,
+                                                                          cfg.encoder.attention_kinds).items()}
     width = base.text_encoder.get_input_embeddings().weight.shape[1]
     concept = Concept(embedding=0.01 * torch.randn(width, generator=gen), factors=factors, hard_word="dog",
                       base={"name": base.name, "fingerprint": base.fingerprint})

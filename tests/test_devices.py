@@ -15,7 +15,8 @@ from datencoder.config import Config
 from datencoder.errors import DatencoderError
 from datencoder.features import FeatureExtractor
 from datencoder.pipeline import ConceptPipeline
-from datencoder.system import EncoderSystem, prepare_base
+from datencoder.prepare import prepare_base
+from datencoder.system import EncoderSystem
 from datencoder.tuning import personalize
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "install_processors",
     "remove_processors",
     "attention_layers",
+    "target_layer_shapes",
 ]
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -61,6 +62,25 @@ def attention_layers(unet) -> dict[str, bool]:
 
 def _linear(module: Attention, target: str):
     return module.to_out[0] if target == "to_out.0" else getattr(module, target)
+
+
+def target_layer_shapes(unet, targets=TARGETS, attention_kinds=("self", "cross")) -> dict[str, tuple[int, int]]:
+    """(in, out) of every projection that receives offsets, read from the UNet itself.
+
+    ``targets``: projections of each attention module (of ``TARGETS``); ``attention_kinds``: "self"
+    and/or "cross" (the ``EncoderConfig`` fields of those names).
+    """
+    shapes = {}
+    for name, is_cross in attention_layers(unet).items():
+        if ("cross" if is_cross else "self") not in attention_kinds:
+            continue
+        module = unet.get_submodule(name)
+        for target in targets:
+            if target not in TARGETS:
+                raise DatencoderError(f"offset target {target!r} is not one of {', '.join(TARGETS)}")
+            linear = _linear(module, target)
+            shapes[f"{name}.{target}"] = (linear.in_features, linear.out_features)
+    return shapes
 
 
 class DualPathProcessor:

@@ -148,6 +148,15 @@ class BaseModel:
         hidden = self.text_encoder(input_ids.to(device), attention_mask=mask)[0]
         return hidden.to(dtype=self.text_encoder.dtype, device=device)
 
+    @torch.no_grad()
+    def encode_latents(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[N, 3, H, W] in [-1, 1] -> scaled fp32 latents [N, C, h, w] (a sample of the VAE posterior)."""
+        vae = self.vae
+        dist = vae.encode(pixels.to(vae.dtype)).latent_dist
+        latents = dist.sample(generator=generator)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).float()
+
     def freeze(self) -> "BaseModel":
         for module in self.modules():
             module.requires_grad_(False)

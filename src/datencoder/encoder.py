@@ -12,13 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .attention import TARGETS, attention_layers
 from .config import EncoderConfig
 from .features import timestep_features
 from .hypernetwork import Hypernetwork
-from .lora import factor_shapes
 
-__all__ = ["TuningEncoder", "EncoderOutput", "target_layer_shapes"]
+__all__ = ["TuningEncoder", "EncoderOutput"]
 
 
 @dataclass
@@ -27,21 +25,6 @@ class EncoderOutput:
     """[N, D] word embedding of S*."""
     factors: dict[str, tuple[Tensor, Tensor]]
     """{"<attention module>.<target>": (A [N, r, in], B [N, out, r])}."""
-
-
-def target_layer_shapes(unet, cfg: EncoderConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) of every projection that receives offsets, read from the UNet itself."""
-    shapes = {}
-    for name, is_cross in attention_layers(unet).items():
-        if ("cross" if is_cross else "self") not in cfg.attention_kinds:
-            continue
-        module = unet.get_submodule(name)
-        for target in cfg.targets:
-            assert target in TARGETS
-            linear = module.to_out[0] if target == "to_out.0" else getattr(module, target)
-            (_, fan_in), (fan_out, _) = factor_shapes(linear, cfg.rank)
-            shapes[f"{name}.{target}"] = (fan_in, fan_out)
-    return shapes
 
 
 class TuningEncoder(nn.Module):

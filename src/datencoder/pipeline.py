@@ -23,7 +23,7 @@ from .concept import Concept
 from .conditioning import TextStates, encode_text
 from .config import check_seed
 from .errors import DatencoderError
-from .system import prepare_base
+from .prepare import BasePreparation, prepare_base
 from .tokens import check_placeholder_kept, fill_placeholder
 
 __all__ = ["ConceptPipeline"]
@@ -32,17 +32,30 @@ SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler"
 
 
 class ConceptPipeline:
+    """Images from a concept (or from the plain base without one) with diffusers' sampler.
+
+    Constructing it changes ``base`` IN PLACE, through ``prepare.prepare_base``: the base is frozen
+    (eval mode, no gradients) and, with a concept, its token is added to every tokenizer (the
+    text encoders' embedding tables grow by one row) and the dual-path processors are installed on
+    every UNet attention layer. Each change is made once (``self.prepared`` says which this
+    pipeline made; None without a concept); the processors are the vanilla attention for calls
+    without the concept's inputs, so the base still generates as before, but a caller that needs
+    the untouched objects should pass a copy (or restore with ``attention.remove_processors``).
+    """
+
     def __init__(self, base: BaseModel, concept: Concept | None = None, scheduler: str = "ddim"):
         if scheduler not in SCHEDULERS:
             raise DatencoderError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         self.base = base
         self.concept = concept
         self.token_id = None
+        self.prepared: BasePreparation | None = None
         base.freeze()
         self.embedding = self.factors = None
         if concept is not None:
             check_base("the concept", concept.base, base)
-            self.token_id = prepare_base(base, concept.token)
+            self.prepared = prepare_base(base, concept.token)  # in place; see the class docstring
+            self.token_id = self.prepared.token_id
             # moved to the base's device once; fp32 (the processors cast to the activations' dtype)
             self.embedding = concept.embedding.to(base.device, torch.float32).unsqueeze(0)  # [1, D]
             self.factors = {k: (A.to(base.device, torch.float32), B.to(base.device, torch.float32))

@@ -13,17 +13,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .attention import DualPathProcessor, install_processors
+from .attention import target_layer_shapes
 from .base import BaseModel, load_base
-from .io import check_base, load_tensors, read_json, save_tensors_atomic, write_json_atomic
-from .conditioning import add_placeholders, text_vocabulary
+from .conditioning import text_vocabulary
 from .config import Config, from_dict, to_dict
-from .encoder import EncoderOutput, TuningEncoder, target_layer_shapes
+from .encoder import EncoderOutput, TuningEncoder
 from .features import FeatureExtractor
+from .io import ASSETS, check_base, load_tensors, read_json, save_tensors_atomic, write_json_atomic
 from .objective import NoisyLatents, Objective
-from .io import ASSETS
+from .prepare import prepare_base
 
-__all__ = ["EncoderSystem", "prepare_base", "encoder_path", "resolve_encoder", "DEFAULT_ENCODER", "DEFAULT_ENCODER_DIR"]
+__all__ = ["EncoderSystem", "encoder_path", "resolve_encoder", "DEFAULT_ENCODER", "DEFAULT_ENCODER_DIR"]
 
 KIND = "encoder"
 DEFAULT_ENCODER = "minisd-emoji-encoder"
@@ -48,28 +48,19 @@ def resolve_encoder(name: str | Path) -> Path:
     return path
 
 
-def prepare_base(base: BaseModel, token: str) -> int:
-    """Freeze the base, add the placeholder token (to every text encoder) and install the dual-path
-    processors (idempotent); the token's id in the first tokenizer."""
-    base.freeze()
-    token_id = add_placeholders(base, token)
-    if not all(isinstance(p, DualPathProcessor) for p in base.unet.attn_processors.values()):
-        install_processors(base.unet)
-    return token_id
-
-
 class EncoderSystem:
     def __init__(self, base: BaseModel, cfg: Config, encoder: TuningEncoder | None = None):
         self.base = base
         self.cfg = cfg
         # the real-word table is taken before the placeholder is added, so S* is never a neighbour
         self.vocab_ids, self.vocab_table = text_vocabulary(base, cfg.loss.whole_words_only)
-        self.token_id = prepare_base(base, cfg.model.token)
+        self.token_id = prepare_base(base, cfg.model.token).token_id
         self.features = FeatureExtractor(base, cfg.encoder)
         if encoder is None:
             encoder = TuningEncoder(
                 cfg.encoder, self.features.width, self.vocab_table.shape[1],
-                target_layer_shapes(base.unet, cfg.encoder), init_embedding=self.vocab_table.mean(0),
+                target_layer_shapes(base.unet, cfg.encoder.targets, cfg.encoder.attention_kinds),
+                init_embedding=self.vocab_table.mean(0),
             )
         # the encoder and its heads follow the base's device but stay fp32 (trainable; autocast may
         # run their matmuls in half precision, their weights and optimizer state stay fp32)
@@ -81,14 +72,9 @@ class EncoderSystem:
         return self.base.device
 
     # -- building blocks ------------------------------------------------------------------
-    @torch.no_grad()
     def encode_latents(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """[N, 3, H, W] in [-1, 1] -> scaled latents [N, C, h, w]."""
-        vae = self.base.vae
-        dist = vae.encode(pixels.to(vae.dtype)).latent_dist
-        latents = dist.sample(generator=generator)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((latents - shift) * vae.config.scaling_factor).float()
+        """[N, 3, H, W] in [-1, 1] -> scaled latents [N, C, h, w] (``BaseModel.encode_latents``)."""
+        return self.base.encode_latents(pixels, generator)
 
     def run_encoder(self, pixels: Tensor, batch: NoisyLatents) -> EncoderOutput:
         feats = self.features(pixels, batch.noisy, batch.timesteps)

@@ -5,6 +5,9 @@ are optimised with Adam for N <= 12 steps on a batch of augmented copies of the 
 the dual path on. With ``tune.tune_heads`` a copy of the encoder's embedding head and
 hypernetwork is tuned instead, on the image's fixed trunk features, and v and the factors are
 its output. With 0 steps the result is exactly the encoder's prediction.
+
+``optimise_on_image`` is the one step loop on one image; the baselines (Textual Inversion,
+DreamBooth-LoRA, ``eval/baselines.py``) run it too, so every method is optimised alike.
 """
 
 from __future__ import annotations
@@ -13,22 +16,58 @@ import copy
 import logging
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .augment import augment_views
 from .concept import Concept
-from .config import TuneConfig, to_dict
-from .system import EncoderSystem
+from .config import DataConfig, TuneConfig, to_dict
 
-__all__ = ["personalize", "peak_memory_mb"]
+if TYPE_CHECKING:  # the baselines import this module without the encoder stack
+    from .base import BaseModel
+    from .objective import Objective
+    from .system import EncoderSystem
+
+__all__ = ["personalize", "optimise_on_image", "peak_memory_mb"]
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, dict[str, float]], None]
+Trainables = Callable[[], tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]]
+"""Returns the step's (embedding [1, D], factors {key: (A [1, r, in], B [1, out, r])}); called once per
+step, so trained heads can recompute them from their parameters."""
+
+
+def optimise_on_image(objective: Objective, base: BaseModel, pixels: Tensor, steps: Iterable[int],
+                      batch_size: int, data: DataConfig, trainables: Trainables, dual_path: bool,
+                      optimizer: torch.optim.Optimizer | None, generator: torch.Generator,
+                      callback: StepCallback | None = None) -> None:
+    """The step loop on one image ([3, H, W] in [-1, 1]): per step, ``batch_size`` augmented views,
+    their latents noised at random timesteps, one random template of ``data.templates`` per view,
+    the objective's terms, then backward and ``optimizer.step()`` (None: losses only).
+
+    Every random draw comes from ``generator``, in this order, so one seed gives one result.
+    ``steps`` numbers the steps for ``callback(step, {"loss": ..., term: ...})``; a continued run
+    passes ``range(done, total)``.
+    """
+    templates = data.templates
+    for step in steps:
+        embedding, factors = trainables()
+        views = augment_views(pixels, batch_size, generator, data.hflip, data.scale_min)  # [b, 3, H, W]
+        batch = objective.add_noise(base.encode_latents(views, generator), generator)
+        picks = torch.randint(0, len(templates), (batch_size,), generator=generator).tolist()
+        terms = objective(batch, [templates[i] for i in picks], embedding, factors, dual_path, generator)
+        loss = sum(terms.values())
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if callback is not None:
+            callback(step, {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}})
 
 
 def peak_memory_mb(device: torch.device | str = "cpu") -> float:
@@ -103,23 +142,15 @@ def _personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig, gen: t
                 lora = [t.requires_grad_() for pair in factors.values() for t in pair]
                 groups.append({"params": lora, "lr": tune.lr_lora})
         optimizer = torch.optim.Adam(groups) if groups else None
-        templates = cfg.data.templates
-        for step in range(tune.steps):
-            if heads is not None:
+        if heads is not None:
+            def trainables():
                 out = heads.heads(h)
-                embedding, factors = out.embedding, out.factors
-            views = augment_views(pixels, tune.batch_size, gen, cfg.data.hflip, cfg.data.scale_min)
-            batch = system.objective.add_noise(system.encode_latents(views, gen), gen)
-            picks = torch.randint(0, len(templates), (tune.batch_size,), generator=gen).tolist()
-            terms = system.objective(batch, [templates[i] for i in picks], embedding, factors,
-                                     cfg.dual_path.enabled, gen)
-            loss = sum(terms.values())
-            if optimizer is not None:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            if callback is not None:
-                callback(step, {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}})
+                return out.embedding, out.factors
+        else:
+            def trainables():
+                return embedding, factors
+        optimise_on_image(system.objective, system.base, pixels, range(tune.steps), tune.batch_size, cfg.data,
+                          trainables, cfg.dual_path.enabled, optimizer, gen, callback)
         if heads is not None:
             with torch.no_grad():
                 out = heads.heads(h)

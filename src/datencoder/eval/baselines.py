@@ -22,29 +22,25 @@ import copy
 import dataclasses
 import logging
 import time
-import types
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from ..augment import augment_views
+from ..attention import target_layer_shapes
 from ..base import BaseModel
 from ..concept import Concept
 from ..conditioning import text_vocabulary, word_embedding
 from ..config import Config, DataConfig, from_dict, to_dict
-from ..encoder import target_layer_shapes
 from ..errors import DatencoderError
 from ..objective import Objective
-from ..system import EncoderSystem, prepare_base
+from ..prepare import prepare_base
+from ..tuning import StepCallback, optimise_on_image, peak_memory_mb
 
 __all__ = ["TextualInversionConfig", "DreamBoothLoRAConfig", "OptimisationRun", "textual_inversion",
            "dreambooth_lora", "add_peft_lora", "peft_factors"]
 
 log = logging.getLogger(__name__)
-
-StepCallback = Callable[[int, dict[str, float]], None]
 
 
 @dataclass
@@ -119,33 +115,13 @@ def _objective_config(base: BaseModel, templates, hflip, scale_min, seed) -> Con
     })
 
 
-def _encode_latents(base: BaseModel, pixels: Tensor, generator: torch.Generator) -> Tensor:
-    # The VAE scaling lives once, in EncoderSystem.encode_latents, which only reads ``.base``.
-    return EncoderSystem.encode_latents(types.SimpleNamespace(base=base), pixels, generator)
-
-
-def _optimise(objective: Objective, base: BaseModel, pixels: Tensor, steps: range, batch_size: int,
-              templates: list[str], hflip: bool, scale_min: float, embedding: Tensor,
-              optimizer: torch.optim.Optimizer, generator: torch.Generator, callback: StepCallback | None) -> None:
-    """``optimizer`` (Adam on the trained tensors) for the single-path ``steps`` on augmented copies of one image."""
-    for step in steps:
-        views = augment_views(pixels, batch_size, generator, hflip, scale_min)  # [b, 3, H, W]
-        batch = objective.add_noise(_encode_latents(base, views, generator), generator)
-        picks = torch.randint(0, len(templates), (batch_size,), generator=generator).tolist()
-        terms = objective(batch, [templates[i] for i in picks], embedding, {}, False, generator)
-        loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if callback is not None:
-            callback(step, {"loss": float(loss.detach())})
-
-
-def _advance(run: OptimisationRun, steps: int, start: float, optimise: Callable[[range], None]) -> None:
-    """Optimise from ``run.steps`` to ``steps`` and add the time (``start``: this call's start) and peak."""
-    from ..tuning import peak_memory_mb
-
-    optimise(range(run.steps, steps))
+def _advance(run: OptimisationRun, steps: int, start: float, base: BaseModel, pixels: Tensor, batch_size: int,
+             data: DataConfig, callback: StepCallback | None) -> None:
+    """Optimise from ``run.steps`` to ``steps`` (single path: the embedding in ``run.state``, the
+    trained tensors in its optimizer) and add the time (``start``: this call's start) and peak."""
+    st = run.state
+    optimise_on_image(st["objective"], base, pixels, range(run.steps, steps), batch_size, data,
+                      lambda: (st["embedding"], {}), False, st["optimizer"], st["generator"], callback)
     run.steps = steps
     run.seconds += time.perf_counter() - start
     run.peak_mb = max(run.peak_mb, peak_memory_mb())
@@ -185,7 +161,7 @@ def textual_inversion(base: BaseModel, pixels: Tensor, tcfg: TextualInversionCon
         run.reset(settings)
         cfg = _objective_config(base, tcfg.templates, tcfg.hflip, tcfg.scale_min, tcfg.seed)
         vocab_ids, vocab_table = text_vocabulary(base, cfg.loss.whole_words_only)
-        token_id = prepare_base(base, cfg.model.token)
+        token_id = prepare_base(base, cfg.model.token).token_id
         objective = Objective(base, cfg, token_id, vocab_ids, vocab_table)
         start = time.perf_counter()  # the vocabulary table is cached per base: not the method's cost
         init_id = _single_token(base, tcfg.init_word) if tcfg.init_word else None
@@ -197,9 +173,7 @@ def textual_inversion(base: BaseModel, pixels: Tensor, tcfg: TextualInversionCon
                      "optimizer": torch.optim.Adam([embedding], lr=tcfg.lr),
                      "generator": torch.Generator().manual_seed(tcfg.seed)}
     st = run.state
-    _advance(run, tcfg.steps, start, lambda steps: _optimise(
-        st["objective"], base, pixels, steps, tcfg.batch_size, list(tcfg.templates), tcfg.hflip, tcfg.scale_min,
-        st["embedding"], st["optimizer"], st["generator"], callback))
+    _advance(run, tcfg.steps, start, base, pixels, tcfg.batch_size, st["cfg"].data, callback)
     hard_word = st["objective"].hard_words(st["embedding"].detach())[0]
     return _concept(base, st["cfg"], st["embedding"], {}, hard_word, 1.0, "textual_inversion", tcfg, run, info)
 
@@ -262,11 +236,9 @@ def dreambooth_lora(base: BaseModel, pixels: Tensor, dcfg: DreamBoothLoRAConfig 
     if not run.usable_for(settings, dcfg.steps):
         run.reset(settings)
         vocab_ids, vocab_table = text_vocabulary(base, cfg.loss.whole_words_only)
-        prepare_base(base, cfg.model.token)
+        placeholder_id = prepare_base(base, cfg.model.token).token_id
         start = time.perf_counter()
-        enc_cfg = dataclasses.replace(cfg.encoder, rank=dcfg.rank, targets=list(dcfg.targets),
-                                      attention_kinds=list(dcfg.attention_kinds))
-        keys = sorted(target_layer_shapes(base.unet, enc_cfg))
+        keys = sorted(target_layer_shapes(base.unet, dcfg.targets, dcfg.attention_kinds))
         alpha = float(dcfg.alpha if dcfg.alpha is not None else dcfg.rank)
         with torch.random.fork_rng(devices=[]):  # peft draws A from the global generator: seed it
             torch.manual_seed(dcfg.seed)
@@ -276,15 +248,14 @@ def dreambooth_lora(base: BaseModel, pixels: Tensor, dcfg: DreamBoothLoRAConfig 
             p.requires_grad_(True)
         # The same Objective, on a base whose UNet is the peft copy; S* embeds as the rare word.
         peft_base = dataclasses.replace(base, unet=peft_unet)
-        objective = Objective(peft_base, cfg, prepare_base(base, cfg.model.token), vocab_ids, vocab_table)
+        objective = Objective(peft_base, cfg, placeholder_id, vocab_ids, vocab_table)
         embedding = word_embedding(base, dcfg.rare_word).unsqueeze(0)  # [1, sum(token_dims)]: the rare token
         run.state = {"keys": keys, "peft_unet": peft_unet, "peft_base": peft_base, "objective": objective,
                      "embedding": embedding, "optimizer": torch.optim.Adam(lora_params, lr=dcfg.lr),
                      "generator": torch.Generator().manual_seed(dcfg.seed)}
     st = run.state
-    _advance(run, dcfg.steps, start, lambda steps: _optimise(
-        st["objective"], st["peft_base"], pixels, steps, dcfg.batch_size, templates, dcfg.hflip, dcfg.scale_min,
-        st["embedding"], st["optimizer"], st["generator"], callback))
+    _advance(run, dcfg.steps, start, st["peft_base"], pixels, dcfg.batch_size,
+             dataclasses.replace(cfg.data, templates=templates), callback)
     factors, scale = peft_factors(st["peft_unet"], st["keys"])
     info = {**(info or {}), "prompt_placeholder": spelled}
     return _concept(base, cfg, st["embedding"], factors, dcfg.rare_word, scale, "dreambooth_lora", dcfg, run, info)
