@@ -1,7 +1,8 @@
 """Baselines of METHOD.md ("Baselines and ablations") on the same machinery as the method.
 
 Each baseline maps (base model, one image) -> ``Concept``: the same ``Objective`` (diffusion loss
-of the scheduler's own target on augmented copies of the image), the same concept artifact, so
+of the scheduler's own target on augmented copies of the image), the same step loop
+(``tuning.optimise_on_image``, which ``personalize`` runs), the same concept artifact, so
 ``ConceptPipeline`` generates and ``export`` exports every method identically.
 
 - Textual Inversion (Gal et al. 2022): only the embedding of S* is optimised, from a word's
