@@ -186,6 +186,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute the UNet's activations in the backward pass (less memory, about a third more time)."""
     checkpoint_every: int = 200
+    checkpoint_minutes: float = 0.0
+    """Also checkpoint every this many minutes (0: by step count only)."""
+    max_minutes: float = 0.0
+    """Stop (with a checkpoint) after this much training time, summed over resumes; 0: no limit."""
     sample_every: int = 0
     """Steps between sample grids (0: never): encoder-only concepts of fixed training images."""
     sample_concepts: int = 2
@@ -196,15 +200,25 @@ class TrainConfig:
     max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise DatencoderError(
-                f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}"
-            )
         if self.base_dtype not in ("fp32", "bf16", "fp16"):
             raise DatencoderError(f"train.base_dtype must be 'fp32', 'bf16' or 'fp16', got {self.base_dtype!r}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise DatencoderError(f"train.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         check_seed(self.seed, "train.seed")
+        for key in ("steps", "checkpoint_every", "sample_concepts"):
+            if getattr(self, key) < 1:
+                raise DatencoderError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        self.loop()  # validates the loop's values
+
+    def loop(self, num_workers: int = 0):
+        """The training loop's settings (``datencoder.training``)."""
+        from .training import LoopConfig
+
+        return LoopConfig(
+            work_dir=self.output_dir, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+            grad_accum=self.grad_accum, warmup_steps=self.warmup_steps, lr_schedule=self.lr_schedule,
+            weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm, mixed_precision=self.mixed_precision,
+            max_minutes=self.max_minutes, checkpoint_every=self.checkpoint_every,
+            checkpoint_minutes=self.checkpoint_minutes, sample_every=self.sample_every, log_every=self.log_every,
+            seed=self.seed, num_workers=num_workers)
 
 
 @dataclass

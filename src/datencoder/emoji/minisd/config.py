@@ -7,7 +7,47 @@ from dataclasses import dataclass, field
 from .data import MiniDataConfig
 from .losses import DiffusionLossConfig, VAELossConfig
 from .models import MiniUNetConfig, MiniVAEConfig
-from .training import MiniTrainConfig
+from ...errors import DatencoderError
+from ...training import LoopConfig
+
+
+@dataclass
+class MiniTrainConfig:
+    work_dir: str = "runs/minisd/stage"
+    steps: int = 1000
+    """Steps in all (0: only write the starting checkpoint, e.g. of ``init_from`` weights)."""
+    max_minutes: float = 0.0
+    """Stop (with a checkpoint) after this much training wall time, summed over resumes; 0: no limit."""
+    batch_size: int = 32
+    lr: float = 1e-4
+    warmup_steps: int = 100
+    """Linear warm-up, then a flat LR."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.999
+    """0: no average (exports and caches then use the trained weights)."""
+    bf16: bool = True
+    """bfloat16 autocast for forward and backward (about 1.7x faster on AVX-512 bf16 CPUs)."""
+    threads: int = 2
+    seed: int = 0
+    checkpoint_minutes: float = 5.0
+    sample_every: int = 500
+    """Write a sample grid every this many steps (0: never)."""
+    log_every: int = 25
+
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise DatencoderError(f"train.threads must be >= 1, got {self.threads}")
+        self.loop()  # validates the loop's values
+
+    def loop(self) -> LoopConfig:
+        """The training loop's settings (``datencoder.training``)."""
+        return LoopConfig(
+            work_dir=self.work_dir, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+            warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm,
+            ema_decay=self.ema_decay, mixed_precision="bf16" if self.bf16 else "no", max_minutes=self.max_minutes,
+            checkpoint_minutes=self.checkpoint_minutes, sample_every=self.sample_every, log_every=self.log_every,
+            seed=self.seed)
 
 
 @dataclass
