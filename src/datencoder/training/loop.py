@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,7 +374,9 @@ def _restore(accelerator, out: Path, model, ema, optimizer, scheduler, generator
         position = saved["data_epoch"] * num_examples + saved["data_offset"]
         generator.set_state(torch.tensor(saved["noise_rng"], dtype=torch.uint8))
         scheduler.last_epoch = step - 1
-        scheduler.step()  # the LR of step ``step``, as if stepped all along
+        with warnings.catch_warnings():  # "scheduler stepped before the optimizer": by design here
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()  # the LR of step ``step``, as if stepped all along
         log.warning("converted the old checkpoint layout of %s at step %d: the data order continues from a new "
                     "stream (position %d), so this resume is not bit-identical to the old run", out, step, position)
         return step, position, float(saved.get("train_seconds", 0.0)), float("nan")
