@@ -212,13 +212,7 @@ class TrainConfig:
         """The training loop's settings (``datencoder.training``)."""
         from .training import LoopConfig
 
-        return LoopConfig(
-            work_dir=self.output_dir, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-            grad_accum=self.grad_accum, warmup_steps=self.warmup_steps, lr_schedule=self.lr_schedule,
-            weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm, mixed_precision=self.mixed_precision,
-            max_minutes=self.max_minutes, checkpoint_every=self.checkpoint_every,
-            checkpoint_minutes=self.checkpoint_minutes, sample_every=self.sample_every, log_every=self.log_every,
-            seed=self.seed, num_workers=num_workers)
+        return LoopConfig.taken_from(self, work_dir=self.output_dir, num_workers=num_workers)
 
 
 @dataclass

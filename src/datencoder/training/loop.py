@@ -12,6 +12,7 @@ summed over resumes, a ``STOP`` file in the work dir). ``resume=True`` continues
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -65,6 +66,12 @@ class LoopConfig:
     seed: int = 0
     num_workers: int = 0
     """DataLoader worker processes calling ``batch_fn`` (0: in the training process)."""
+
+    @classmethod
+    def taken_from(cls, settings, **given) -> "LoopConfig":
+        """The loop's settings from a training-config dataclass: its fields of the same names, then ``given``."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in given]
+        return cls(**{n: getattr(settings, n) for n in names if hasattr(settings, n)}, **given)
 
     def __post_init__(self) -> None:
         at_least = {"steps": 0, "batch_size": 1, "grad_accum": 1, "warmup_steps": 0, "checkpoint_every": 0,

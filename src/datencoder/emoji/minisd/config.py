@@ -42,12 +42,7 @@ class MiniTrainConfig:
 
     def loop(self) -> LoopConfig:
         """The training loop's settings (``datencoder.training``)."""
-        return LoopConfig(
-            work_dir=self.work_dir, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-            warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm,
-            ema_decay=self.ema_decay, mixed_precision="bf16" if self.bf16 else "no", max_minutes=self.max_minutes,
-            checkpoint_minutes=self.checkpoint_minutes, sample_every=self.sample_every, log_every=self.log_every,
-            seed=self.seed)
+        return LoopConfig.taken_from(self, mixed_precision="bf16" if self.bf16 else "no")
 
 
 @dataclass
