@@ -10,9 +10,6 @@ the same semantic space as the text side, as the original CLIP towers do for SD.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+from ..io import atomic_dir
 
 __all__ = [
     "TowerArch",
@@ -109,10 +108,8 @@ def save_tower(vision: CLIPVisionModel, out_dir: str | Path, mean: list[float], 
     half-written tower.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
     size = vision.config.image_size
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with atomic_dir(out) as tmp:
         half = CLIPVisionModel(vision.config).to(torch.float16)
         half.load_state_dict({k: v.to(torch.float16) for k, v in vision.state_dict().items()})
         half.save_pretrained(tmp, safe_serialization=True)
@@ -123,13 +120,4 @@ def save_tower(vision: CLIPVisionModel, out_dir: str | Path, mean: list[float], 
             image_std=list(std),
         )
         processor.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; package data must be world-readable
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out

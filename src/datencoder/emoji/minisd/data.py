@@ -13,12 +13,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 from ...errors import DatencoderError
+from ...io import to_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,7 @@ def load_images(rows: list[dict], root: str | Path, resolution: int) -> torch.Te
         img = Image.open(Path(root) / row["file"]).convert("RGB")
         if img.size != (resolution, resolution):
             img = img.resize((resolution, resolution), Image.BICUBIC)
-        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # H W 3
-        out[i] = arr.permute(2, 0, 1).float() / 127.5 - 1.0
+        out[i] = to_pixels(img)
     return out
 
 
