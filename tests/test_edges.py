@@ -86,9 +86,29 @@ def test_broken_override_is_one_line(override, message):
     assert "\n" not in str(info.value)
 
 
+MACHINE_PATHS = ("/work", "/tmp", "/home", "/root")
+
+
 def test_no_shipped_config_holds_a_machine_path():
     for path in sorted(shipped_configs_dir().glob("*.yaml")):
-        assert "/work/" not in path.read_text(), path.name
+        text = path.read_text()
+        assert not [m for m in MACHINE_PATHS if m + "/" in text], path.name
+
+
+def test_no_library_string_is_a_machine_path():
+    """Every string constant of the package (defaults, fallbacks, dataclass fields) is free of
+    paths that only exist on the machine that wrote it."""
+    import ast
+
+    import datencoder
+
+    root = Path(datencoder.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith(MACHINE_PATHS):
+                found.append(f"{path.relative_to(root)}:{node.lineno}: {node.value}")
+    assert not found, found
 
 
 def test_seed_range_is_checked_up_front(capsys):

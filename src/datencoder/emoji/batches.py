@@ -26,6 +26,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from .data import BACKGROUNDS, POSITIONS, SIZES, _alpha_bbox, fit_square, placement
+from ..config import check_range
 from ..errors import DatencoderError
 from ..io import save_file_atomic
 
@@ -152,6 +153,11 @@ class AugmentConfig:
     """Chance of a down-and-up resample that softens edges like a VAE decode."""
     noise_std: float = 0.03
     """Maximum std of additive Gaussian noise (images in [-1, 1])."""
+
+    def __post_init__(self) -> None:
+        check_range(self, "augment", ">= 0", "shift", "brightness", "contrast", "noise_std")
+        check_range(self, "augment", "in [0, 1)", "scale")
+        check_range(self, "augment", "in [0, 1]", "blur_prob")
 
 
 def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from ..config import from_dict, to_dict
+from ..config import check_range, from_dict, to_dict
 from ..errors import DatencoderError
 from ..io import ASSETS, save_file_atomic, to_pixels, write_text_atomic
 
@@ -82,6 +82,17 @@ class EvaluatorArch:
     the best match over every prototype of that style (the style of the nearest render) instead
     of the trained style head. Several prototypes per style hold several views of the render
     (e.g. the composite itself and its reconstruction by the base model's VAE)."""
+
+    def __post_init__(self) -> None:
+        check_range(self, "model", ">= 1", "image_size", "crop_size", "stem_channels", "blocks_per_stage",
+                    "embed_dim", "global_size", "layout_hidden")
+        check_range(self, "model", ">= 0", "detect_threshold", "detect_border", "detect_min_pixels",
+                    "crop_margin", "prototypes_per_concept")
+        check_range(self, "model", "> 0", "concept_scale")
+        for name in ("widths", "global_widths"):
+            widths = getattr(self, name)
+            if not widths or min(widths) < 1:
+                raise DatencoderError(f"model.{name} must be a non-empty list of positive widths, got {widths}")
 
 
 class _Block(nn.Module):

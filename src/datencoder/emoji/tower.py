@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
+from ..config import check_range
+from ..errors import DatencoderError
 from ..io import atomic_dir
 
 __all__ = [
@@ -42,6 +44,14 @@ class TowerArch:
     num_hidden_layers: int = 4
     num_attention_heads: int = 3
     intermediate_size: int = 768
+
+    def __post_init__(self) -> None:
+        check_range(self, "model", ">= 1", "image_size", "patch_size", "hidden_size", "num_hidden_layers",
+                    "num_attention_heads", "intermediate_size")
+        if self.image_size % self.patch_size or self.hidden_size % self.num_attention_heads:
+            raise DatencoderError(f"model.image_size must be a multiple of model.patch_size and model.hidden_size "
+                                  f"of model.num_attention_heads, got {self.image_size}/{self.patch_size}, "
+                                  f"{self.hidden_size}/{self.num_attention_heads}")
 
     def to_config(self) -> CLIPVisionConfig:
         return CLIPVisionConfig(

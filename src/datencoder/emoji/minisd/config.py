@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ...config import check_range, check_seed
+from ...errors import DatencoderError
 from .data import MiniDataConfig
 from .losses import DiffusionLossConfig, VAELossConfig
 from .models import MiniUNetConfig, MiniVAEConfig
@@ -28,6 +30,11 @@ class GridConfig:
     guidance: float = 4.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_range(self, "grid", ">= 1", "num_prompts", "seeds", "steps")
+        check_range(self, "grid", "finite", "guidance")
+        check_seed(self.seed, "grid.seed")
+
 
 @dataclass
 class UNetStageConfig:
@@ -46,3 +53,8 @@ class UNetStageConfig:
     diffusion: DiffusionLossConfig = field(default_factory=DiffusionLossConfig)
     train: MiniTrainConfig = field(default_factory=lambda: MiniTrainConfig(work_dir="runs/minisd/unet"))
     grid: GridConfig = field(default_factory=GridConfig)
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.cache_parts if p not in ("text", "latents")]
+        if bad:
+            raise DatencoderError(f"cache_parts may hold 'text' and 'latents', got {bad}")

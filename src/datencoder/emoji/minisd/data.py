@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ...config import check_range, check_seed
 from ...errors import DatencoderError
 from ...io import to_pixels
 
@@ -41,6 +42,14 @@ class MiniDataConfig:
     max_length: int = 32
     """Tokenizer length (pipeline ``model_max_length``)."""
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_range(self, "data", ">= 0", "limit")
+        check_range(self, "data", ">= 1", "caption_variants", "max_length")
+        check_range(self, "data", "in [0, 1]", "drop_prob", "empty_caption_prob")
+        check_seed(self.seed, "data.seed")
+        if not self.splits:
+            raise DatencoderError("data.splits must name at least one split")
 
 
 def read_manifest(cfg: MiniDataConfig) -> list[dict]:
