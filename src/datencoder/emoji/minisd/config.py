@@ -23,7 +23,8 @@ class VAEStageConfig:
 @dataclass
 class GridConfig:
     num_prompts: int = 8
-    """Captions of this many train examples, spread over the manifest, with their real images."""
+    """Captions of this many train examples, spread over the manifest, with their real images
+    (0: no sample grids)."""
     seeds: int = 2
     """Rows of samples per grid, one per seed."""
     steps: int = 25
@@ -31,7 +32,8 @@ class GridConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_range(self, "grid", ">= 1", "num_prompts", "seeds", "steps")
+        check_range(self, "grid", ">= 0", "num_prompts")  # 0: no sample grids
+        check_range(self, "grid", ">= 1", "seeds", "steps")
         check_range(self, "grid", "finite", "guidance")
         check_seed(self.seed, "grid.seed")
 
