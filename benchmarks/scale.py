@@ -23,8 +23,8 @@ on CUDA torch.cuda.max_memory_allocated after reset_peak_memory_stats. A child w
     python benchmarks/scale.py --out runs/scale --stages pretrain --options fp32,bf16+ckpt
     python benchmarks/scale.py --quick --out /tmp/scale           # tiny shapes, seconds (tests)
 
-TODO(SDXL): an SDXL-architecture row (UNet 2.6 B, two text encoders) waits for SDXL support in
-the library (issue 9, part 3); add an "sdxl" entry to ARCHS when load_base accepts SDXL.
+--arch sdxl builds SDXL base 1.0's architecture instead (UNet 2.6 B with the text_time added
+embedding, CLIP ViT-L text + OpenCLIP bigG text with projection, 1024 px; weights written in bf16).
 """
 
 from __future__ import annotations
@@ -71,6 +71,45 @@ ARCHS = {
                       image_size=32, patch_size=8, projection_dim=16, hidden_act="quick_gelu"),
         "vocab": 2000, "config": "tiny", "encoder": ["encoder.tower_layers=[-1,-2]"],
     },
+    # SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0's unet/vae/text_encoder(_2) configs):
+    # 2.6 B UNet, CLIP ViT-L text + OpenCLIP bigG text with projection, 1024 px.
+    "sdxl": {
+        "unet": dict(sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                     transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                     use_linear_projection=True, cross_attention_dim=2048, addition_embed_type="text_time",
+                     addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+                     norm_num_groups=32),
+        "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=1024,
+                    norm_num_groups=32, scaling_factor=0.13025),
+        "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                     projection_dim=768, hidden_act="quick_gelu"),
+        "text_2": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                       projection_dim=1280, hidden_act="gelu"),
+        "tower": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                      image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu"),
+        "vocab": 49408, "config": "sd15", "encoder": [],
+    },
+    # the SDXL block structure at tiny widths (tests of this script)
+    "quick_sdxl": {
+        "unet": dict(sample_size=8, layers_per_block=1, block_out_channels=(8, 16, 16),
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                     transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4),
+                     use_linear_projection=True, cross_attention_dim=32, addition_embed_type="text_time",
+                     addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16,
+                     norm_num_groups=4),
+        "vae": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, sample_size=64, norm_num_groups=4,
+                    scaling_factor=0.13025),
+        "text": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     projection_dim=16, hidden_act="quick_gelu"),
+        "text_2": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       projection_dim=16, hidden_act="gelu"),
+        "tower": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      image_size=32, patch_size=8, projection_dim=16, hidden_act="quick_gelu"),
+        "vocab": 2000, "config": "tiny", "encoder": ["encoder.tower_layers=[-1,-2]"],
+    },
 }
 
 
@@ -109,20 +148,45 @@ def build_model(root: Path, arch: str) -> Path:
     spec = ARCHS[arch]
     torch.manual_seed(0)
     tokenizer = _tokenizer(spec["vocab"])
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77,
-                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                        pad_token_id=tokenizer.pad_token_id, **spec["text"]))
-    unet = UNet2DConditionModel(
-        in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, **spec["unet"])
+
+    def text_model(widths: dict, tok, cls=CLIPTextModel):
+        return cls(CLIPTextConfig(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **widths))
+
+    unet_spec = dict(spec["unet"])
+    down = unet_spec.pop("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",))
+    up = unet_spec.pop("up_block_types", ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    vae_spec = {"scaling_factor": 0.18215, **spec["vae"]}
+    if "text_2" in spec:
+        # SDXL at full size is 10 GB of fp32 weights: built and saved in bf16 (load_base casts to
+        # the dtype asked for), so building fits beside other work on a 24 GB machine.
+        torch.set_default_dtype(torch.bfloat16)
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, down_block_types=down, up_block_types=up, **unet_spec)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215, **spec["vae"])
+                        up_block_types=("UpDecoderBlock2D",) * 4, **vae_spec)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
                               steps_offset=1)
-    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-                            ).save_pretrained(root, safe_serialization=True)
+    if "text_2" in spec:
+        import copy
+
+        from diffusers import StableDiffusionXLPipeline
+        from transformers import CLIPTextModelWithProjection
+
+        tokenizer_2 = copy.deepcopy(tokenizer)  # one vocabulary; the second pads with "!" as OpenCLIP's
+        tokenizer_2.pad_token = "!"
+        text = text_model(spec["text"], tokenizer)
+        text_2 = text_model(spec["text_2"], tokenizer_2, CLIPTextModelWithProjection)
+        StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer,
+                                  tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False,
+                                  ).save_pretrained(root, safe_serialization=True)
+        del text_2
+        torch.set_default_dtype(torch.float32)
+    else:
+        text = text_model(spec["text"], tokenizer)
+        StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                                ).save_pretrained(root, safe_serialization=True)
     del unet, vae, text
     tower = CLIPVisionModel(CLIPVisionConfig(**spec["tower"]))
     tower.save_pretrained(root / "image_tower")
@@ -199,9 +263,10 @@ def _generate(base, cfg, steps: int) -> bool:
     factors = {name: (0.01 * torch.randn(cfg.encoder.rank, fan_in, generator=gen),
                       0.01 * torch.randn(fan_out, cfg.encoder.rank, generator=gen))
                for name, (fan_in, fan_out) in target_layer_shapes(base.unet, cfg.encoder).items()}
-    width = base.text_encoder.get_input_embeddings().weight.shape[1]
-    concept = Concept(embedding=0.01 * torch.randn(width, generator=gen), factors=factors, hard_word="dog",
-                      base={"name": base.name, "fingerprint": base.fingerprint})
+    widths = [enc.get_input_embeddings().weight.shape[1]
+              for enc in (base.text_encoder, getattr(base, "text_encoder_2", None)) if enc is not None]
+    concept = Concept(embedding=0.01 * torch.randn(sum(widths), generator=gen), factors=factors, hard_word="dog",
+                      base={"name": base.name, "fingerprint": base.fingerprint}, token_dims=tuple(widths))
     images = ConceptPipeline(base, concept)("a photo of S* on the beach", num_images=1,
                                             num_inference_steps=steps, guidance_scale=7.5, output_type="pt")
     return bool(torch.isfinite(images.float()).all())
@@ -263,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for model/, results.jsonl and table.md")
     parser.add_argument("--model", default=None, help="an existing model folder (default: build OUT/model)")
+    parser.add_argument("--arch", default="sd15", choices=("sd15", "sdxl"),
+                        help="sd15 (512 px, default) or sdxl (1024 px, two text encoders)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes with the same structure (tests)")
     parser.add_argument("--stages", default="all", help=f"comma list of {', '.join(STAGES)}, or all")
     parser.add_argument("--options", default="fp32,bf16+ckpt",
@@ -279,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-process", action="store_true", help="measure in this process (tests; peaks not per phase)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    arch = "quick" if args.quick else "sd15"
+    arch = ("quick_" + args.arch if args.arch != "sd15" else "quick") if args.quick else args.arch
     if args.child:  # a measurement subprocess: print one JSON line
         job = json.loads(args.child)
         print(json.dumps(measure(job["model"], arch, job["stage"], job["option"], job["batch"], args)))
@@ -319,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             job = json.dumps({"model": model, "stage": stage, "option": option, "batch": batch})
             child = ["--child", job, "--out", str(out), "--device", args.device, "--threads", str(args.threads),
                      "--tune-steps", str(args.tune_steps), "--sample-steps", str(args.sample_steps)]
-            row.update(_run_child(child + (["--quick"] if args.quick else []), limit))
+            row.update(_run_child(child + ["--arch", args.arch] + (["--quick"] if args.quick else []), limit))
         rows.append(row)
         with (out / "results.jsonl").open("a") as handle:
             handle.write(json.dumps(row) + "\n")

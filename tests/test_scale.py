@@ -36,3 +36,19 @@ def test_scale_benchmark_quick(tmp_path):
     tokenizer = json.loads((tmp_path / "model" / "tokenizer" / "tokenizer_config.json").read_text())
     assert tokenizer["model_max_length"] == 77  # the real CLIP length, as in every SD 1.x/2.x model
     assert "| generate | 2 | 1 | fp32 | no |" in (tmp_path / "table.md").read_text()
+
+
+def test_scale_benchmark_quick_sdxl(tmp_path):
+    """The SDXL architecture (two text encoders, text_time embedding) runs every stage in-process."""
+    spec = importlib.util.spec_from_file_location("scale_benchmark", SCRIPT)
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    assert scale.main(["--quick", "--arch", "sdxl", "--out", str(tmp_path), "--threads", "1", "--tune-steps", "1",
+                       "--sample-steps", "2", "--in-process", "--options", "bf16+ckpt", "--batch-sizes", "3"]) == 0
+    rows = _rows(tmp_path)
+    assert [(r["stage"], r["arch"]) for r in rows] == [
+        ("pretrain", "quick_sdxl"), ("personalize", "quick_sdxl"), ("generate", "quick_sdxl")]
+    for r in rows:
+        assert r["status"] == "measured" and r["finite"], r
+    assert (tmp_path / "model" / "text_encoder_2" / "config.json").is_file()
+    assert json.loads((tmp_path / "model" / "unet" / "config.json").read_text())["addition_embed_type"] == "text_time"
