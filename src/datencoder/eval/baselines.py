@@ -33,7 +33,7 @@ from ..augment import augment_views
 from ..base import BaseModel
 from ..concept import Concept
 from ..conditioning import text_vocabulary, word_embedding
-from ..config import Config, DataConfig, from_dict, to_dict
+from ..config import Config, DataConfig, check_range, check_seed, from_dict, to_dict
 from ..encoder import target_layer_shapes
 from ..errors import DatencoderError
 from ..objective import Objective
@@ -47,6 +47,17 @@ log = logging.getLogger(__name__)
 StepCallback = Callable[[int, dict[str, float]], None]
 
 
+def _check_optimisation(cfg, section: str) -> None:
+    """The settings both baselines share: a step count, Adam's rate, a batch of augmented views."""
+    check_range(cfg, section, ">= 0", "steps")
+    check_range(cfg, section, ">= 1", "batch_size")
+    check_range(cfg, section, "> 0", "lr")
+    check_range(cfg, section, "in (0, 1]", "scale_min")
+    check_seed(cfg.seed, f"{section}.seed")
+    if not cfg.templates:
+        raise DatencoderError(f"{section}.templates must hold at least one prompt template")
+
+
 @dataclass
 class TextualInversionConfig:
     steps: int = 500
@@ -58,6 +69,9 @@ class TextualInversionConfig:
     hflip: bool = True
     scale_min: float = 0.8
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_optimisation(self, "textual_inversion")
 
 
 @dataclass
@@ -78,6 +92,20 @@ class DreamBoothLoRAConfig:
     hflip: bool = True
     scale_min: float = 0.8
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_optimisation(self, "dreambooth_lora")
+        check_range(self, "dreambooth_lora", ">= 1", "rank")
+        check_range(self, "dreambooth_lora", "> 0", "alpha")
+        if not self.rare_word.strip():
+            raise DatencoderError("dreambooth_lora.rare_word must not be empty")
+        bad = [t for t in self.targets if t not in ("to_q", "to_k", "to_v", "to_out.0")]
+        if bad or not self.targets:
+            raise DatencoderError(f"dreambooth_lora.targets may hold to_q, to_k, to_v, to_out.0, got {self.targets}")
+        bad = [k for k in self.attention_kinds if k not in ("self", "cross")]
+        if bad or not self.attention_kinds:
+            raise DatencoderError(f"dreambooth_lora.attention_kinds may hold 'self' and 'cross', "
+                                  f"got {self.attention_kinds}")
 
 
 @dataclass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ...config import check_range, check_seed
+from ...errors import DatencoderError
 from .data import MiniDataConfig
 from .losses import DiffusionLossConfig, VAELossConfig
 from .models import MiniUNetConfig, MiniVAEConfig
@@ -56,12 +58,19 @@ class VAEStageConfig:
 @dataclass
 class GridConfig:
     num_prompts: int = 8
-    """Captions of this many train examples, spread over the manifest, with their real images."""
+    """Captions of this many train examples, spread over the manifest, with their real images
+    (0: no sample grids)."""
     seeds: int = 2
     """Rows of samples per grid, one per seed."""
     steps: int = 25
     guidance: float = 4.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_range(self, "grid", ">= 0", "num_prompts")  # 0: no sample grids
+        check_range(self, "grid", ">= 1", "seeds", "steps")
+        check_range(self, "grid", "finite", "guidance")
+        check_seed(self.seed, "grid.seed")
 
 
 @dataclass
@@ -81,3 +90,8 @@ class UNetStageConfig:
     diffusion: DiffusionLossConfig = field(default_factory=DiffusionLossConfig)
     train: MiniTrainConfig = field(default_factory=lambda: MiniTrainConfig(work_dir="runs/minisd/unet"))
     grid: GridConfig = field(default_factory=GridConfig)
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.cache_parts if p not in ("text", "latents")]
+        if bad:
+            raise DatencoderError(f"cache_parts may hold 'text' and 'latents', got {bad}")
