@@ -32,13 +32,14 @@ from datencoder.emoji.evaluator import load_evaluator  # noqa: E402
 def load_vae(path: Path):
     from diffusers import AutoencoderKL
 
-    if (path / "checkpoint.json").exists():  # a training work dir: its EMA weights
-        from datencoder.emoji.minisd.checkpoint import load_ema_weights
+    from datencoder.training import find_checkpoint, read_checkpoint
+
+    if find_checkpoint(path) is not None:  # a training work dir (either checkpoint layout): its EMA weights
         from datencoder.emoji.minisd.models import MiniVAEConfig, build_vae
 
-        arch = MiniVAEConfig(**json.loads((path / "checkpoint.json").read_text())["config"]["model"])
-        vae = build_vae(arch)
-        vae.load_state_dict(load_ema_weights(path))
+        ckpt = read_checkpoint(path)
+        vae = build_vae(MiniVAEConfig(**ckpt.meta["config"]["model"]))
+        vae.load_state_dict(ckpt.averaged())
         return vae.eval()
     folder = path / "vae" if (path / "vae" / "config.json").exists() else path
     return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval()

@@ -3,6 +3,7 @@ compute, or a fixed behaviour. CLI cases run in-process through ``cli.main`` on 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -86,9 +87,29 @@ def test_broken_override_is_one_line(override, message):
     assert "\n" not in str(info.value)
 
 
+MACHINE_PATHS = ("/work", "/tmp", "/home", "/root")
+
+
 def test_no_shipped_config_holds_a_machine_path():
     for path in sorted(shipped_configs_dir().glob("*.yaml")):
-        assert "/work/" not in path.read_text(), path.name
+        text = path.read_text()
+        assert not [m for m in MACHINE_PATHS if m + "/" in text], path.name
+
+
+def test_no_library_string_is_a_machine_path():
+    """Every string constant of the package (defaults, fallbacks, dataclass fields) is free of
+    paths that only exist on the machine that wrote it."""
+    import ast
+
+    import datencoder
+
+    root = Path(datencoder.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith(MACHINE_PATHS):
+                found.append(f"{path.relative_to(root)}:{node.lineno}: {node.value}")
+    assert not found, found
 
 
 def test_seed_range_is_checked_up_front(capsys):
@@ -248,3 +269,30 @@ def test_sd_family_passes_the_gate(tiny_base_dir, tmp_path):
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     assert load_base(str(folder), with_image_tower=False).fingerprint == \
         load_base(str(tiny_base_dir), with_image_tower=False).fingerprint
+
+
+def test_generate_takes_its_defaults_from_the_concepts_sample_config(world, capsys, tmp_path):
+    from datencoder.recipes.generate import add_arguments, sample_settings
+
+    concept = tmp_path / "c"
+    _ok(capsys, ["personalize", world["image"], "--encoder", world["encoder"], "--out", concept, "--steps", "0",
+                 "sample.steps=3", "sample.guidance=2.5", "sample.scheduler=euler", "sample.seed=7",
+                 "sample.num_images=2", "sample.negative_prompt=blurry", "sample.height=32", "sample.width=32"])
+    out = tmp_path / "gen"
+    _ok(capsys, ["generate", concept, "a photo of S*", "--out", out])
+    settings = json.loads((out / "generation.json").read_text())
+    assert {k: settings[k] for k in ("steps", "guidance", "scheduler", "seed", "num_images", "negative_prompt",
+                                     "height", "width")} == {
+        "steps": 3, "guidance": 2.5, "scheduler": "euler", "seed": 7, "num_images": 2,
+        "negative_prompt": "blurry", "height": 32, "width": 32}
+    assert sorted(p.name for p in out.iterdir()) == ["000.png", "001.png", "generation.json", "grid.png"]
+
+    # flags override field by field; without a concept the SampleConfig defaults apply
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = json.loads((concept / "concept.json").read_text())["config"]
+    args = parser.parse_args([str(concept), "S*", "--steps", "5", "--scheduler", "ddim", "--negative-prompt", ""])
+    merged = sample_settings(args, cfg)
+    assert (merged.steps, merged.scheduler, merged.negative_prompt, merged.guidance, merged.seed) == (5, "ddim", "", 2.5, 7)
+    plain = sample_settings(parser.parse_args(["a dog"]), None)
+    assert (plain.steps, plain.guidance, plain.num_images, plain.seed, plain.scheduler) == (25, 7.5, 4, 0, "ddim")

@@ -81,7 +81,7 @@ def test_tiny_models_follow_their_config():
 
 
 def _tensors(work: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(work / "checkpoint.safetensors"))
+    return load_file(str(work / "checkpoint" / "checkpoint.safetensors"))
 
 
 def test_vae_and_unet_resume_bit_identically_and_export_loads(tmp_path):
@@ -108,9 +108,9 @@ def test_vae_and_unet_resume_bit_identically_and_export_loads(tmp_path):
         assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
         for k in a:
             assert torch.equal(a[k], b[k]), f"{stage}: {k} differs after resume"
-        sa = json.loads((tmp_path / "straight" / stage / "checkpoint.json").read_text())
-        sb = json.loads((tmp_path / "split" / stage / "checkpoint.json").read_text())
-        assert sa["step"] == sb["step"] == 4 and sa["noise_rng"] == sb["noise_rng"]
+        sa = json.loads((tmp_path / "straight" / stage / "checkpoint" / "checkpoint.json").read_text())
+        sb = json.loads((tmp_path / "split" / stage / "checkpoint" / "checkpoint.json").read_text())
+        assert sa["step"] == sb["step"] == 4 and sa["position"] == sb["position"] and sa["rng"] == sb["rng"]
 
     _, unet4 = _tiny(tmp_path / "split", 4)
     foreign = tmp_path / "split" / "export" / "image_tower" / "config.json"

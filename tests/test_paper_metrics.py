@@ -117,3 +117,14 @@ def test_harness_scores_a_folder_of_own_images_with_clip_and_dino(tiny_base_dir,
     assert "| CLIP-I | DINO | CLIP-T |" in text and "concept top-1" not in text and "Δ CLIP-T" in text
     assert json.loads((tmp_path / "eval" / "eval_setup.json").read_text())["scorers"] == ["clip", "dino"]
     assert torch.get_num_threads() >= 1
+
+
+def test_preprocess_normalises_like_the_image_processors():
+    from datencoder.eval.paper_metrics import Preprocess
+
+    image = _images(1, seed=4)[0].crop((0, 0, 32, 32))  # already the crop size: resize/crop are identity
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    got = Preprocess(resize=32, crop=32, mean=mean, std=std)([image])[0]
+    x01 = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    expected = (x01 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)

@@ -19,7 +19,8 @@ from datencoder.config import Config, TrainConfig, load_config, shipped_configs_
 from datencoder.dataset import ImageFolderDataset
 from datencoder.errors import DatencoderError
 from datencoder.recipes import cli
-from datencoder.recipes.pretrain import lr_factor, train
+from datencoder.pretraining import pretrain as train
+from datencoder.training import lr_factor
 
 TEMPLATES = ["a photo of S*", "S*"]
 
@@ -79,18 +80,17 @@ def test_training_changes_the_encoder(tiny_base_dir, image_dir, tmp_path):
 
 
 def test_lr_schedule():
-    cfg = TrainConfig(steps=10, warmup_steps=4, lr_schedule="cosine")
-    factors = [lr_factor(s, cfg) for s in range(10)]
+    factors = [lr_factor(s, 4, 10, "cosine") for s in range(10)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
     assert factors[4] == 1.0 and all(x > y for x, y in zip(factors[4:], factors[5:]))
-    assert lr_factor(10, cfg) == pytest.approx(0.0)
-    assert lr_factor(7, TrainConfig(steps=10, warmup_steps=4)) == 1.0
+    assert lr_factor(10, 4, 10, "cosine") == pytest.approx(0.0)
+    assert lr_factor(7, 4, 10) == 1.0
 
 
 def _config_classes() -> dict[str, type]:
     from datencoder.eval.config import EvalConfig
     from datencoder.emoji.minisd.config import UNetStageConfig, VAEStageConfig
-    from datencoder.recipes.minisd_extra import EvaluatorStageConfig, TowerStageConfig
+    from datencoder.emoji.minisd.extra_stages import EvaluatorStageConfig, TowerStageConfig
 
     return {
         "tiny.yaml": Config, "minisd_encoder.yaml": Config, "sd15.yaml": Config,

@@ -36,6 +36,8 @@ __all__ = [
     "apply_overrides",
     "shipped_configs_dir",
     "check_seed",
+    "check_range",
+    "check_choice",
 ]
 
 T = TypeVar("T")
@@ -48,6 +50,34 @@ def check_seed(seed: int, where: str = "seed") -> int:
     if not 0 <= seed < SEED_LIMIT:
         raise DatencoderError(f"{where} must be an integer in [0, 2**63 - 1], got {seed}")
     return seed
+
+
+_RULES = {
+    "> 0": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+    "finite": lambda v: abs(v) < float("inf"),
+}
+"""Domains used by the configs' ``__post_init__``; written so that NaN fails every one of them."""
+
+
+def check_range(config: Any, section: str, rule: str, *names: str) -> None:
+    """Refuse, in one line naming ``section.name``, any of the fields ``names`` of ``config`` whose
+    value is outside ``rule`` (a key of ``_RULES``); None (an unset optional) passes."""
+    ok = _RULES[rule]
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not ok(value):
+            raise DatencoderError(f"{section}.{name} must be {rule}, got {value!r}")
+
+
+def check_choice(config: Any, section: str, name: str, choices: typing.Iterable[str]) -> None:
+    value, choices = getattr(config, name), list(choices)
+    if value not in choices:
+        raise DatencoderError(f"{section}.{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 @dataclass
@@ -66,6 +96,11 @@ class ModelConfig:
     """What users write in prompts for the personalised concept."""
     token: str = "<concept>"
     """The token string added to the tokenizer for the placeholder (lowercase-safe)."""
+
+    def __post_init__(self) -> None:
+        for name in ("placeholder", "token"):  # pretrained "" means "required on the command line"
+            if not getattr(self, name).strip():
+                raise DatencoderError(f"model.{name} must not be empty")
 
 
 @dataclass
@@ -93,10 +128,11 @@ class EncoderConfig:
     """Timestep of the denoiser features when predicting for a new image; None = T // 2."""
 
     def __post_init__(self) -> None:
-        if self.trunk_layers < 1:
-            raise DatencoderError(f"encoder.trunk_layers must be >= 1, got {self.trunk_layers}")
-        if self.rank < 1:
-            raise DatencoderError(f"encoder.rank must be >= 1, got {self.rank}")
+        check_range(self, "encoder", ">= 1", "trunk_layers", "rank", "hidden_dim", "timestep_dim")
+        check_range(self, "encoder", ">= 0", "inference_timestep")
+        check_range(self, "encoder", "finite", "lora_scale")
+        if not self.targets or not self.attention_kinds:
+            raise DatencoderError("encoder.targets and encoder.attention_kinds must not be empty")
         if self.hypernet_mode not in ("core", "full"):
             raise DatencoderError(f"encoder.hypernet_mode must be 'core' or 'full', got {self.hypernet_mode!r}")
         bad = [k for k in self.attention_kinds if k not in ("self", "cross")]
@@ -140,6 +176,12 @@ class LossConfig:
     """L2 penalty on the predicted offsets."""
     snr_gamma: float | None = None
 
+    def __post_init__(self) -> None:
+        check_range(self, "loss", ">= 0", "contrastive_weight", "norm_weight", "l2_weight", "lora_weight",
+                    "num_negatives")
+        check_range(self, "loss", "> 0", "tau", "snr_gamma")
+        check_range(self, "loss", ">= 1", "top_k_positives")
+
 
 @dataclass
 class DataConfig:
@@ -167,6 +209,14 @@ class DataConfig:
     """With a manifest: train on each row's clean ``source`` render instead of its composed ``file``."""
     num_workers: int = 0
 
+    def __post_init__(self) -> None:
+        check_range(self, "data", ">= 0", "resolution", "num_workers")
+        check_range(self, "data", "in (0, 1]", "scale_min")
+        if not self.templates:
+            raise DatencoderError("data.templates must hold at least one prompt template")
+        if not self.splits:
+            raise DatencoderError("data.splits must name at least one split")
+
 
 @dataclass
 class TrainConfig:
@@ -186,6 +236,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute the UNet's activations in the backward pass (less memory, about a third more time)."""
     checkpoint_every: int = 200
+    checkpoint_minutes: float = 0.0
+    """Also checkpoint every this many minutes (0: by step count only)."""
+    max_minutes: float = 0.0
+    """Stop (with a checkpoint) after this much training time, summed over resumes; 0: no limit."""
     sample_every: int = 0
     """Steps between sample grids (0: never): encoder-only concepts of fixed training images."""
     sample_concepts: int = 2
@@ -196,15 +250,19 @@ class TrainConfig:
     max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise DatencoderError(
-                f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}"
-            )
         if self.base_dtype not in ("fp32", "bf16", "fp16"):
             raise DatencoderError(f"train.base_dtype must be 'fp32', 'bf16' or 'fp16', got {self.base_dtype!r}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise DatencoderError(f"train.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         check_seed(self.seed, "train.seed")
+        for key in ("steps", "checkpoint_every", "sample_concepts"):
+            if getattr(self, key) < 1:
+                raise DatencoderError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        self.loop()  # validates the loop's values
+
+    def loop(self, num_workers: int = 0):
+        """The training loop's settings (``datencoder.training``)."""
+        from .training import LoopConfig
+
+        return LoopConfig.taken_from(self, work_dir=self.output_dir, num_workers=num_workers)
 
 
 @dataclass
@@ -225,22 +283,35 @@ class TuneConfig:
     """Recompute the UNet's activations in the backward pass (less memory at larger batches)."""
 
     def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise DatencoderError(f"tune.steps must be >= 0, got {self.steps}")
+        check_range(self, "tune", ">= 0", "steps")
+        check_range(self, "tune", ">= 1", "batch_size")
+        check_range(self, "tune", "> 0", "lr_embedding", "lr_lora", "lr_heads")
         check_seed(self.seed, "tune.seed")
-        if self.lr_heads <= 0:
-            raise DatencoderError(f"tune.lr_heads must be > 0, got {self.lr_heads}")
+
+
+SCHEDULER_NAMES = ("ddim", "dpm", "euler")
+"""Samplers ``generate`` offers (``pipeline.SCHEDULERS`` maps them to diffusers classes)."""
 
 
 @dataclass
 class SampleConfig:
+    """Generation defaults; ``datencoder generate`` takes them from the concept's config, and its
+    flags override them."""
+
     steps: int = 25
     guidance: float = 7.5
     num_images: int = 4
     seed: int = 0
     scheduler: str = "ddim"
+    negative_prompt: str = ""
+    height: int | None = None
+    """Image size in pixels; None: the base's resolution."""
+    width: int | None = None
 
     def __post_init__(self) -> None:
+        check_range(self, "sample", ">= 1", "steps", "num_images", "height", "width")
+        check_range(self, "sample", "finite", "guidance")
+        check_choice(self, "sample", "scheduler", SCHEDULER_NAMES)
         check_seed(self.seed, "sample.seed")
 
 

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from .concept import Concept
 from .errors import DatencoderError
 from .export_base import borrows_parts, embedding_code, is_sdxl_concept, load_code, sample_code
 from .export_kohya import export_kohya
+from .io import save_file_atomic, write_atomic, write_text_atomic
 
 __all__ = ["export_concept", "export_diffusers", "FORMATS", "LORA_FILE", "EMBEDDING_FILE"]
 
@@ -100,33 +99,26 @@ def _readme(concept: Concept, has_lora: bool, folder: Path) -> str:
 def export_diffusers(concept: Concept, out_dir: str | Path) -> Path:
     """Write the concept as a diffusers LoRA + textual-inversion embedding + README.txt."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from safetensors.torch import save_file
 
     is_sdxl_concept(concept)  # refuse an unknown text-encoder layout before writing anything
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DatencoderError(f"--out {out_dir} is a file; pass a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Everything is written to a hidden folder beside the targets, then each file is moved into
-    # place with os.replace, so a crash never leaves a half-written file under its real name.
-    staging = Path(tempfile.mkdtemp(prefix=".export.", dir=out_dir))
-    try:
-        has_lora = bool(concept.factors)
-        if has_lora:
-            state, metadata = _lora_state_and_metadata(concept)
-            pipeline = StableDiffusionXLPipeline if is_sdxl_concept(concept) else StableDiffusionPipeline
-            pipeline.save_lora_weights(
-                staging, unet_lora_layers=state, unet_lora_adapter_metadata=metadata, weight_name=LORA_FILE,
-            )
-        save_file(_embedding_tensors(concept), str(staging / EMBEDDING_FILE), metadata={"format": "pt"})
-        (staging / README_FILE).write_text(_readme(concept, has_lora, out_dir.resolve()))
-        names = ([LORA_FILE] if has_lora else []) + [EMBEDDING_FILE, README_FILE]
-        for name in names:
-            os.replace(staging / name, out_dir / name)
-        if not has_lora and (out_dir / LORA_FILE).exists():
-            os.unlink(out_dir / LORA_FILE)  # a stale LoRA from an earlier export would be wrong
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # Each file is written atomically (the folder may hold the user's other files, so it is not
+    # swapped whole): a crash never leaves a half-written file under its real name.
+    has_lora = bool(concept.factors)
+    if has_lora:
+        state, metadata = _lora_state_and_metadata(concept)
+        pipeline = StableDiffusionXLPipeline if is_sdxl_concept(concept) else StableDiffusionPipeline
+        # diffusers writes <folder>/<weight_name>; the temp name keeps its metadata handling ours
+        write_atomic(out_dir / LORA_FILE, lambda tmp: pipeline.save_lora_weights(
+            Path(tmp).parent, unet_lora_layers=state, unet_lora_adapter_metadata=metadata,
+            weight_name=Path(tmp).name))
+    save_file_atomic(out_dir / EMBEDDING_FILE, _embedding_tensors(concept), metadata={"format": "pt"})
+    write_text_atomic(out_dir / README_FILE, _readme(concept, has_lora, out_dir.resolve()))
+    if not has_lora and (out_dir / LORA_FILE).exists():
+        os.unlink(out_dir / LORA_FILE)  # a stale LoRA from an earlier export would be wrong
     log.debug("exported %d LoRA layers and the embedding of %s to %s", len(concept.factors), concept.token, out_dir)
     return out_dir
 

@@ -22,13 +22,11 @@ the class defaults instead (``clip_sample=True``, ...) changes the images.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from .base import DEFAULT_BASE, BaseModel, _read_base_json, _resolve
-from .io import write_text_atomic
+from .io import atomic_dir, write_text_atomic
 from .errors import DatencoderError
 
 __all__ = ["export_base", "check_export_dir", "load_code", "sample_code", "borrows_parts", "assembly_readme",
@@ -176,10 +174,8 @@ def export_base(base: BaseModel, out_dir: str | Path) -> Path:
     out_dir = check_export_dir(out_dir)
     root, local = _resolve(base.name)
     tower = Path(root) / "image_tower" if local else None
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and swapped in, so a reader never sees half a folder.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         pipe = StableDiffusionPipeline(
             vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
             scheduler=DDIMScheduler.from_config(base.scheduler.config), safety_checker=None,
@@ -190,17 +186,5 @@ def export_base(base: BaseModel, out_dir: str | Path) -> Path:
         if tower is not None and tower.is_dir():
             shutil.copytree(tower, tmp / "image_tower")
         write_text_atomic(tmp / README_FILE, _readme(base, out_dir.resolve()))
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out_dir.rename(old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.debug("exported base %s to %s", base.name, out_dir)
     return out_dir

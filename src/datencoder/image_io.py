@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from .errors import DatencoderError
+from .io import to_pixels, write_atomic
 
 __all__ = ["load_image", "image_to_tensor", "save_image_atomic", "make_grid"]
 
@@ -98,20 +99,17 @@ def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     left, top = (width - side) // 2, (height - side) // 2
     # Crop first: resize(box=...) would let the filter read pixels outside the crop.
     square = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
-    array = np.array(square, dtype=np.float32)  # [H, W, 3] in 0..255
-    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0  # [3, H, W] in [-1, 1]
+    return to_pixels(square)  # [3, H, W] in [-1, 1]
 
 
 def save_image_atomic(image: Image.Image, path: str | Path) -> None:
-    """Write ``image`` to ``path`` via a temporary file in the same folder and os.replace."""
+    """Write ``image`` to ``path`` atomically (``io.write_atomic``)."""
     path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise DatencoderError(f"cannot save {path}: unknown image extension; use .png, .jpg or .webp")
     if fmt == "JPEG" and image.mode not in ("RGB", "L"):
         image = _to_rgb(image)
-    from .io import write_atomic
-
     write_atomic(path, lambda tmp: image.save(tmp, format=fmt))
 
 

@@ -232,8 +232,8 @@ def to_pixels(images: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
     """8-bit RGB (a PIL image, or an ``[..., H, W, 3]`` uint8 array/tensor) -> float32
     ``[..., 3, H, W]`` in [-1, 1]."""
     if isinstance(images, Image.Image):
-        images = np.asarray(images.convert("RGB"))
-    x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+        images = np.array(images.convert("RGB"))  # a copy: PIL's buffer is read-only
+    x = images if torch.is_tensor(images) else torch.from_numpy(np.ascontiguousarray(images))
     return x.float().movedim(-1, -3) / 127.5 - 1.0
 
 

@@ -23,15 +23,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .base import quiet_loading
 from .errors import DatencoderError
+from .io import atomic_dir
 
 __all__ = ["build_tiny_base", "build_tiny_clip", "build_tiny_dino", "TINY_WORDS", "MAX_LENGTHS", "FAMILIES"]
 
@@ -242,20 +240,11 @@ def build_tiny_base(path: str | Path, *, seed: int = 0, text_encoder: str | None
     if path.exists() and (not path.is_dir() or (any(path.iterdir())
                                                  and not (path / "model_index.json").exists())):
         raise DatencoderError(f"{path} exists and is not a tiny model folder; pass a new path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        with torch.random.fork_rng(devices=[]), quiet_loading():
-            torch.manual_seed(seed)
-            _pipeline(family, text_encoder).save_pretrained(tmp, safe_serialization=True)
-            if with_image_tower:
-                _image_tower(tmp / "image_tower")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_dir(path) as tmp, torch.random.fork_rng(devices=[]), quiet_loading():
+        torch.manual_seed(seed)
+        _pipeline(family, text_encoder).save_pretrained(tmp, safe_serialization=True)
+        if with_image_tower:
+            _image_tower(tmp / "image_tower")
     log.debug("built tiny base (%s, %s, seed %d) at %s", family, text_encoder, seed, path)
     return path
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from ..io import write_text_atomic
 
 __all__ = ["write_attribution"]
 
@@ -55,16 +56,10 @@ answered per use.
 """
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_attribution(out: Path, versions: dict[str, str]) -> None:
     fill = {"noto": versions.get("fonts-noto-color-emoji (Debian)", "unknown"),
             "twemoji": versions.get("@twemoji/svg", "unknown"),
             "openmoji": versions.get("openmoji", "unknown"),
             "fluent": versions.get("@lobehub/fluent-emoji-3d", "unknown")}
-    _write(Path(out) / "ATTRIBUTION.md", _ATTRIBUTION.format(**fill))
-    _write(Path(out) / "LICENSES.md", _LICENSES)
+    write_text_atomic(Path(out) / "ATTRIBUTION.md", _ATTRIBUTION.format(**fill))
+    write_text_atomic(Path(out) / "LICENSES.md", _LICENSES)

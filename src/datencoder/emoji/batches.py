@@ -15,7 +15,6 @@ pixel-exact composites (generated images are softer and noisier than the renders
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .data import BACKGROUNDS, POSITIONS, SIZES, _alpha_bbox, fit_square, placement
+from ..config import check_range
 from ..errors import DatencoderError
+from ..io import save_file_atomic
 
 __all__ = ["read_rows", "read_concepts", "load_rows_uint8", "SourceBank", "AugmentConfig", "augment",
            "composition_index"]
@@ -93,9 +93,7 @@ class SourceBank:
                     return
         self._fit(root)
         if cache is not None:
-            tmp = Path(cache).with_name(f".{Path(cache).name}.tmp")
-            save_file({"crops": self.crops, "extent": self.extent}, str(tmp), metadata={"key": key})
-            os.replace(tmp, cache)
+            save_file_atomic(cache, {"crops": self.crops, "extent": self.extent}, metadata={"key": key})
 
     def _fit(self, root: str | Path) -> None:
         sources = self.sources
@@ -155,6 +153,11 @@ class AugmentConfig:
     """Chance of a down-and-up resample that softens edges like a VAE decode."""
     noise_std: float = 0.03
     """Maximum std of additive Gaussian noise (images in [-1, 1])."""
+
+    def __post_init__(self) -> None:
+        check_range(self, "augment", ">= 0", "shift", "brightness", "contrast", "noise_std")
+        check_range(self, "augment", "in [0, 1)", "scale")
+        check_range(self, "augment", "in [0, 1]", "blur_prob")
 
 
 def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:

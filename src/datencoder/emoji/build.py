@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from .data import (STYLES, Concept, compose, dominant_colour, sample_compositions,
                     select_heldout, split_for)
+from ..io import write_atomic, write_text_atomic
 from .attribution import write_attribution
 from .sources import (Sources, discover_sources, index_files, load_openmoji_concepts,
                             noto_supports, render_source)
@@ -34,17 +34,11 @@ COMPOSER_VERSION = 1  # bump when composition or captions change, so old images 
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def _candidates(sources: Sources) -> tuple[list[Concept], dict[str, dict[str, tuple[str, str]]]]:
@@ -83,9 +77,7 @@ def compose_concept(task: tuple) -> list[dict]:
         rel = f"images/{style}/{concept.key}_{i}.png"
         if not (reuse and (out / rel).is_file()):
             image, _ = compose(source, comp.size, comp.position, comp.background)
-            tmp = out / f"images/{style}/{concept.key}_{i}.tmp.png"
-            image.save(tmp)
-            os.replace(tmp, out / rel)
+            write_atomic(out / rel, lambda tmp: image.save(tmp, format="PNG"))
         rows.append({"file": rel, "source": source_rel, "concept": concept.key,
                      "name": concept.name, "category": concept.category,
                      "subcategory": concept.subcategory, "style": style, "split": split,

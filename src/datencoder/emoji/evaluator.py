@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,11 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..config import from_dict, to_dict
+from ..config import check_range, from_dict, to_dict
 from ..errors import DatencoderError
-from ..io import ASSETS
+from ..io import ASSETS, save_file_atomic, to_pixels, write_text_atomic
 
 __all__ = ["EvaluatorArch", "EvaluatorNet", "Evaluator", "load_evaluator", "save_evaluator", "locate", "HEADS"]
 
@@ -84,6 +82,17 @@ class EvaluatorArch:
     the best match over every prototype of that style (the style of the nearest render) instead
     of the trained style head. Several prototypes per style hold several views of the render
     (e.g. the composite itself and its reconstruction by the base model's VAE)."""
+
+    def __post_init__(self) -> None:
+        check_range(self, "model", ">= 1", "image_size", "crop_size", "stem_channels", "blocks_per_stage",
+                    "embed_dim", "global_size", "layout_hidden")
+        check_range(self, "model", ">= 0", "detect_threshold", "detect_border", "detect_min_pixels",
+                    "crop_margin", "prototypes_per_concept")
+        check_range(self, "model", "> 0", "concept_scale")
+        for name in ("widths", "global_widths"):
+            widths = getattr(self, name)
+            if not widths or min(widths) < 1:
+                raise DatencoderError(f"model.{name} must be a non-empty list of positive widths, got {widths}")
 
 
 class _Block(nn.Module):
@@ -234,8 +243,7 @@ def images_to_tensor(images: list[Image.Image], size: int) -> torch.Tensor:
         if img.size != (size, size):
             img = img.resize((size, size), Image.BICUBIC)
         arrays.append(np.asarray(img, dtype=np.uint8))
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()  # [N, 3, H, W]
-    return x / 127.5 - 1.0
+    return to_pixels(np.stack(arrays))  # [N, 3, H, W]
 
 
 class Evaluator:
@@ -290,15 +298,8 @@ def save_evaluator(net: EvaluatorNet, labels: dict[str, list[str]], out_dir: str
              if v.is_floating_point()}
     # BatchNorm's integer step counter is not needed at inference and is dropped.
     config = {"arch": to_dict(net.arch), "labels": labels, "names": names or {}, "metadata": metadata or {}}
-    for name, write in (
-        ("model.safetensors", lambda p: save_file(state, p)),
-        ("config.json", lambda p: Path(p).write_text(json.dumps(config, indent=1))),
-    ):
-        fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-        os.close(fd)
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; package data must be world-readable
-        os.replace(tmp, out / name)
+    save_file_atomic(out / "model.safetensors", state)
+    write_text_atomic(out / "config.json", json.dumps(config, indent=1))
     return out
 
 

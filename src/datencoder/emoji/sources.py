@@ -16,6 +16,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import DatencoderError
+from ..io import write_atomic
 from .data import CANVAS, Concept, fit_square, normalize_key
 
 __all__ = ["NPM_PACKAGES", "Sources", "discover_sources", "load_openmoji_concepts",
@@ -176,7 +177,5 @@ def render_source(task: tuple[str, str, str]) -> tuple[str, bool]:
     except Exception as err:  # one broken file must not stop a build of thousands
         log.debug("render failed for %s: %s", ref, err)
         return out, False
-    tmp = Path(out).with_suffix(".tmp.png")
-    square.save(tmp)
-    tmp.replace(out)
+    write_atomic(out, lambda tmp: square.save(tmp, format="PNG"))
     return out, True

@@ -10,9 +10,6 @@ the same semantic space as the text side, as the original CLIP towers do for SD.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+from ..config import check_range
+from ..errors import DatencoderError
+from ..io import atomic_dir
 
 __all__ = [
     "TowerArch",
@@ -43,6 +44,14 @@ class TowerArch:
     num_hidden_layers: int = 4
     num_attention_heads: int = 3
     intermediate_size: int = 768
+
+    def __post_init__(self) -> None:
+        check_range(self, "model", ">= 1", "image_size", "patch_size", "hidden_size", "num_hidden_layers",
+                    "num_attention_heads", "intermediate_size")
+        if self.image_size % self.patch_size or self.hidden_size % self.num_attention_heads:
+            raise DatencoderError(f"model.image_size must be a multiple of model.patch_size and model.hidden_size "
+                                  f"of model.num_attention_heads, got {self.image_size}/{self.patch_size}, "
+                                  f"{self.hidden_size}/{self.num_attention_heads}")
 
     def to_config(self) -> CLIPVisionConfig:
         return CLIPVisionConfig(
@@ -109,10 +118,8 @@ def save_tower(vision: CLIPVisionModel, out_dir: str | Path, mean: list[float], 
     half-written tower.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
     size = vision.config.image_size
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with atomic_dir(out) as tmp:
         half = CLIPVisionModel(vision.config).to(torch.float16)
         half.load_state_dict({k: v.to(torch.float16) for k, v in vision.state_dict().items()})
         half.save_pretrained(tmp, safe_serialization=True)
@@ -123,13 +130,4 @@ def save_tower(vision: CLIPVisionModel, out_dir: str | Path, mean: list[float], 
             image_std=list(std),
         )
         processor.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; package data must be world-readable
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out

@@ -32,7 +32,7 @@ from ..attention import target_layer_shapes
 from ..base import BaseModel
 from ..concept import Concept
 from ..conditioning import text_vocabulary, word_embedding
-from ..config import Config, DataConfig, from_dict, to_dict
+from ..config import Config, DataConfig, check_range, check_seed, from_dict, to_dict
 from ..errors import DatencoderError
 from ..objective import Objective
 from ..prepare import prepare_base
@@ -42,6 +42,17 @@ __all__ = ["TextualInversionConfig", "DreamBoothLoRAConfig", "OptimisationRun", 
            "dreambooth_lora", "add_peft_lora", "peft_factors"]
 
 log = logging.getLogger(__name__)
+
+
+def _check_optimisation(cfg, section: str) -> None:
+    """The settings both baselines share: a step count, Adam's rate, a batch of augmented views."""
+    check_range(cfg, section, ">= 0", "steps")
+    check_range(cfg, section, ">= 1", "batch_size")
+    check_range(cfg, section, "> 0", "lr")
+    check_range(cfg, section, "in (0, 1]", "scale_min")
+    check_seed(cfg.seed, f"{section}.seed")
+    if not cfg.templates:
+        raise DatencoderError(f"{section}.templates must hold at least one prompt template")
 
 
 @dataclass
@@ -55,6 +66,9 @@ class TextualInversionConfig:
     hflip: bool = True
     scale_min: float = 0.8
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_optimisation(self, "textual_inversion")
 
 
 @dataclass
@@ -75,6 +89,20 @@ class DreamBoothLoRAConfig:
     hflip: bool = True
     scale_min: float = 0.8
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_optimisation(self, "dreambooth_lora")
+        check_range(self, "dreambooth_lora", ">= 1", "rank")
+        check_range(self, "dreambooth_lora", "> 0", "alpha")
+        if not self.rare_word.strip():
+            raise DatencoderError("dreambooth_lora.rare_word must not be empty")
+        bad = [t for t in self.targets if t not in ("to_q", "to_k", "to_v", "to_out.0")]
+        if bad or not self.targets:
+            raise DatencoderError(f"dreambooth_lora.targets may hold to_q, to_k, to_v, to_out.0, got {self.targets}")
+        bad = [k for k in self.attention_kinds if k not in ("self", "cross")]
+        if bad or not self.attention_kinds:
+            raise DatencoderError(f"dreambooth_lora.attention_kinds may hold 'self' and 'cross', "
+                                  f"got {self.attention_kinds}")
 
 
 @dataclass

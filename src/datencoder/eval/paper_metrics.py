@@ -17,12 +17,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import DatencoderError
+from ..io import to_pixels
 
 __all__ = ["Preprocess", "ClipScorer", "DinoScorer", "PaperMetrics", "class_prompt", "METRIC_KEYS"]
 
@@ -51,7 +51,8 @@ def _side(value, default: int) -> int:
 
 @dataclass
 class Preprocess:
-    """Resize the shorter side to ``resize``, centre-crop ``crop``, scale to [0, 1], normalise."""
+    """Resize the shorter side to ``resize``, centre-crop ``crop``, normalise as the CLIP / DINO
+    image processors do ((x / 255 - mean) / std)."""
 
     resize: int
     crop: int
@@ -83,10 +84,11 @@ class Preprocess:
             image = image.resize(size, self.resample)
             left, top = (size[0] - self.crop) // 2, (size[1] - self.crop) // 2
             image = image.crop((left, top, left + self.crop, top + self.crop))
-            out.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1))
-        x = torch.stack(out)  # [N, 3, crop, crop] in [0, 1]
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+            out.append(to_pixels(image))
+        x = torch.stack(out)  # [N, 3, crop, crop] in [-1, 1]
+        # the processors' (x01 - mean) / std with x01 = (x + 1) / 2, folded into one affine map
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1) * 2 - 1
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1) * 2
         return (x - mean) / std
 
 

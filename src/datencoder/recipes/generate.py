@@ -20,6 +20,9 @@ from pathlib import Path
 from .options import add_device_arguments, device_options
 
 DEFAULT_BASE = "minisd-emoji"
+_SAMPLE = "default: the concept's sample."
+SAMPLE_FLAGS = ("steps", "guidance", "num_images", "seed", "scheduler", "negative_prompt", "height", "width")
+"""SampleConfig fields that a flag of the same name (--num-images: num_images) overrides."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,19 +30,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an optional concept folder, then the prompt (quote it)")
     parser.add_argument("--base", default=None, metavar="PATH_OR_ID",
                         help=f"base model (default: the concept's, or {DEFAULT_BASE} without a concept)")
-    parser.add_argument("--num-images", type=int, default=4, help="images to generate (default 4)")
+    # Sampling flags default to None: unset, they take the concept's ``sample`` config (the
+    # SampleConfig defaults without a concept); given, they override it.
+    parser.add_argument("--num-images", type=int, default=None, help=f"images to generate ({_SAMPLE} num_images, 4)")
     parser.add_argument("--batch-size", type=int, default=4,
                         help="images sampled at once (default 4); each batch is written as soon as it is done")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
-    parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    parser.add_argument("--scheduler", default="ddim", help="ddim, dpm or euler (default ddim)")
+    parser.add_argument("--seed", type=int, default=None, help=f"seed of the initial noise ({_SAMPLE} seed, 0)")
+    parser.add_argument("--steps", type=int, default=None, help=f"sampling steps ({_SAMPLE} steps, 25)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help=f"classifier-free guidance scale ({_SAMPLE} guidance, 7.5)")
+    parser.add_argument("--scheduler", default=None, help=f"ddim, dpm or euler ({_SAMPLE} scheduler, ddim)")
     parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default ./outputs/<prompt slug>)")
     parser.add_argument("--no-dual-path", action="store_true", help="sample single path (a = 1)")
-    parser.add_argument("--negative-prompt", default="", metavar="TEXT",
-                        help="what the images should not show (classifier-free guidance's unconditional prompt)")
-    parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: the base's resolution)")
-    parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: the base's resolution)")
+    parser.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                        help="what the images should not show (classifier-free guidance's unconditional prompt; "
+                             f"{_SAMPLE} negative_prompt, empty)")
+    parser.add_argument("--height", type=int, default=None,
+                        help=f"image height in pixels ({_SAMPLE} height, else the base's resolution)")
+    parser.add_argument("--width", type=int, default=None,
+                        help=f"image width in pixels ({_SAMPLE} width, else the base's resolution)")
     parser.add_argument("--lora-scale", type=float, default=1.0, metavar="S",
                         help="multiplies the concept's offset scale (default 1; 0 = embedding only)")
     add_device_arguments(parser)
@@ -80,6 +89,18 @@ def _split_inputs(inputs: list[str]) -> tuple[str | None, str]:
     raise DatencoderError(f"expected [CONCEPT_DIR] PROMPT, got {len(inputs)} words; quote the prompt")
 
 
+def sample_settings(args: argparse.Namespace, concept_config: dict | None):
+    """The concept's ``sample`` config (SampleConfig defaults without a concept) with every flag
+    the user gave written over it; validated again as a whole."""
+    import dataclasses
+
+    from ..config import SampleConfig, from_dict
+
+    sample = from_dict(SampleConfig, (concept_config or {}).get("sample"))
+    given = {name: getattr(args, name) for name in SAMPLE_FLAGS if getattr(args, name) is not None}
+    return dataclasses.replace(sample, **given)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
@@ -93,13 +114,15 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline import SCHEDULERS, ConceptPipeline
 
     concept_dir, prompt = _split_inputs(args.inputs)
-    if args.scheduler not in SCHEDULERS:
+    # flags given are checked now, before anything is loaded; the merged settings again below
+    if args.scheduler is not None and args.scheduler not in SCHEDULERS:
         raise DatencoderError(f"unknown scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
+    if any(v is not None and v < 1 for v in (args.num_images, args.steps, args.batch_size)):
         raise DatencoderError("--num-images, --steps and --batch-size must be at least 1")
-    if not math.isfinite(args.guidance):
+    if args.guidance is not None and not math.isfinite(args.guidance):
         raise DatencoderError(f"--guidance must be a finite number, got {args.guidance}")
-    check_seed(args.seed, "--seed")
+    if args.seed is not None:
+        check_seed(args.seed, "--seed")
     out = check_output(Path(args.out) if args.out else Path("outputs") / slug(prompt))
     stale = _previous_outputs(out)
     concept = None
@@ -110,38 +133,39 @@ def run(args: argparse.Namespace) -> int:
                                   f"{concept.placeholder}; write e.g. \"a photo of {concept.placeholder}\"")
     if not math.isfinite(args.lora_scale):
         raise DatencoderError(f"--lora-scale must be a finite number, got {args.lora_scale}")
+    sample = sample_settings(args, concept.config if concept is not None else None)
     device, dtype = device_options(args)
     base_name = args.base or (concept.base.get("name") if concept is not None else None) or DEFAULT_BASE
     variant = args.variant or (concept.config.get("model", {}).get("variant") if concept is not None else None)
     t0 = time.perf_counter()
     base = load_base(base_name, with_image_tower=False, torch_dtype=dtype, device=device, variant=variant)
-    pipe = ConceptPipeline(base, concept, args.scheduler)  # refuses a concept made for another base
-    pipe.check(prompt, args.num_images, args.steps, args.guidance, args.seed,  # --steps 5000, a cut S*
-               args.height, args.width, args.lora_scale)
-    height, width = pipe.check_size(args.height, args.width)
+    pipe = ConceptPipeline(base, concept, sample.scheduler)  # refuses a concept made for another base
+    pipe.check(prompt, sample.num_images, sample.steps, sample.guidance, sample.seed,  # --steps 5000, a cut S*
+               sample.height, sample.width, args.lora_scale)
+    height, width = pipe.check_size(sample.height, sample.width)
     load_s = time.perf_counter() - t0
 
     for path in stale:
         path.unlink()
     settings = {
         "prompt": prompt, "concept": concept_dir, "base": {"name": base.name, "fingerprint": base.fingerprint},
-        "num_images": args.num_images, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
-        "scheduler": args.scheduler, "dual_path": concept is not None and not args.no_dual_path,
-        "negative_prompt": args.negative_prompt, "height": height, "width": width,
+        "num_images": sample.num_images, "seed": sample.seed, "steps": sample.steps, "guidance": sample.guidance,
+        "scheduler": sample.scheduler, "dual_path": concept is not None and not args.no_dual_path,
+        "negative_prompt": sample.negative_prompt, "height": height, "width": width,
         "lora_scale": args.lora_scale, "device": str(device), "dtype": args.dtype, "variant": variant,
     }
     write_json_atomic(out / "generation.json", {**settings, "complete": False})  # marks the folder as ours
     # One generator for all batches: the noise stream continues, so the images do not depend on
     # --batch-size beyond float rounding (CPU draws; tests/test_edges.py).
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(sample.seed)
     grid_images = []
     t1 = time.perf_counter()
-    with tqdm(total=args.steps * math.ceil(args.num_images / args.batch_size), desc="sampling", unit="step") as bar:
-        for first in range(0, args.num_images, args.batch_size):
-            count = min(args.batch_size, args.num_images - first)
-            images = pipe(prompt, num_images=count, num_inference_steps=args.steps, guidance_scale=args.guidance,
+    with tqdm(total=sample.steps * math.ceil(sample.num_images / args.batch_size), desc="sampling", unit="step") as bar:
+        for first in range(0, sample.num_images, args.batch_size):
+            count = min(args.batch_size, sample.num_images - first)
+            images = pipe(prompt, num_images=count, num_inference_steps=sample.steps, guidance_scale=sample.guidance,
                           seed=None, generator=generator, dual_path=not args.no_dual_path,
-                          negative_prompt=args.negative_prompt, height=height, width=width,
+                          negative_prompt=sample.negative_prompt, height=height, width=width,
                           lora_scale=args.lora_scale, callback=lambda i, total: bar.update(1))
             for i, image in enumerate(images, first):
                 save_image_atomic(image, out / f"{i:03d}.png")
@@ -152,6 +176,6 @@ def run(args: argparse.Namespace) -> int:
     cols = math.ceil(math.sqrt(len(grid_images)))
     save_image_atomic(make_grid(grid_images, cols=cols, labels=labels), out / "grid.png")
     write_json_atomic(out / "generation.json", {**settings, "complete": True})
-    print(f"load {load_s:.2f} s, sampling {sample_s:.2f} s ({args.steps} steps x {args.num_images} images)")
-    print(f"wrote {args.num_images} images and grid.png to {out}")
+    print(f"load {load_s:.2f} s, sampling {sample_s:.2f} s ({sample.steps} steps x {sample.num_images} images)")
+    print(f"wrote {sample.num_images} images and grid.png to {out}")
     return 0

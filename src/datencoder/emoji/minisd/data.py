@@ -13,12 +13,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ...config import check_range, check_seed
 from ...errors import DatencoderError
+from ...io import to_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,14 @@ class MiniDataConfig:
     """Tokenizer length (pipeline ``model_max_length``)."""
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_range(self, "data", ">= 0", "limit")
+        check_range(self, "data", ">= 1", "caption_variants", "max_length")
+        check_range(self, "data", "in [0, 1]", "drop_prob", "empty_caption_prob")
+        check_seed(self.seed, "data.seed")
+        if not self.splits:
+            raise DatencoderError("data.splits must name at least one split")
+
 
 def read_manifest(cfg: MiniDataConfig) -> list[dict]:
     path = Path(cfg.root) / "manifest.jsonl"
@@ -63,8 +72,7 @@ def load_images(rows: list[dict], root: str | Path, resolution: int) -> torch.Te
         img = Image.open(Path(root) / row["file"]).convert("RGB")
         if img.size != (resolution, resolution):
             img = img.resize((resolution, resolution), Image.BICUBIC)
-        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # H W 3
-        out[i] = arr.permute(2, 0, 1).float() / 127.5 - 1.0
+        out[i] = to_pixels(img)
     return out
 
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from .data import TEXT_ENCODER_PACKAGE
-from ...io import ASSETS
+from ...io import ASSETS, atomic_dir, write_text_atomic
 
 
 def default_export_dir() -> Path:
@@ -34,33 +33,26 @@ def export_minisd(
     the loader imports its package.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    vae.to(torch.float16).save_pretrained(tmp / "vae", safe_serialization=True)
-    unet.to(torch.float16).save_pretrained(tmp / "unet", safe_serialization=True)
-    vae.to(torch.float32)
-    unet.to(torch.float32)
-    scheduler.save_pretrained(tmp / "scheduler")
+    # every part is staged before any is swapped in (the stack exits after the last write), so
+    # an error part-way leaves all three old parts in place
+    with contextlib.ExitStack() as stack:
+        tmp = {part: stack.enter_context(atomic_dir(out_dir / part)) for part in ("vae", "unet", "scheduler")}
+        try:
+            vae.to(torch.float16).save_pretrained(tmp["vae"], safe_serialization=True)
+            unet.to(torch.float16).save_pretrained(tmp["unet"], safe_serialization=True)
+        finally:
+            vae.to(torch.float32)
+            unet.to(torch.float32)
+        scheduler.save_pretrained(tmp["scheduler"])
     base = {
         "name": name,
         "text_encoder": {"python_package": TEXT_ENCODER_PACKAGE},
         "tokenizer": {"python_package": TEXT_ENCODER_PACKAGE, "model_max_length": max_length},
     }
-    (tmp / "datencoder_base.json").write_text(json.dumps(base, indent=2) + "\n")
-    for part in ("vae", "unet", "scheduler"):
-        old = out_dir / f".{part}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if (out_dir / part).exists():
-            (out_dir / part).rename(old)
-        (tmp / part).rename(out_dir / part)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp / "datencoder_base.json", out_dir / "datencoder_base.json")
-    shutil.rmtree(tmp, ignore_errors=True)
+    write_text_atomic(out_dir / "datencoder_base.json", json.dumps(base, indent=2) + "\n")
     if out_dir.resolve() == default_export_dir():
         # How to load the shipped folder without datencoder (the code finds the installed package).
         from ...export_base import assembly_readme
 
-        (out_dir / "README.txt").write_text(assembly_readme(name))
+        write_text_atomic(out_dir / "README.txt", assembly_readme(name))
     return out_dir

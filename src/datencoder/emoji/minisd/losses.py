@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+from ...config import check_choice, check_range
 from ...errors import DatencoderError
 from ...objective import diffusion_target, min_snr_weights
 
@@ -18,6 +19,9 @@ class VAELossConfig:
     mse_weight: float = 1.0
     kl_weight: float = 1e-6
     """Weight of the per-sample summed KL (SD-style: a light pull toward N(0, I))."""
+
+    def __post_init__(self) -> None:
+        check_range(self, "loss", ">= 0", "l1_weight", "mse_weight", "kl_weight")
 
 
 def vae_loss(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator, cfg: VAELossConfig) -> dict[str, torch.Tensor]:
@@ -49,6 +53,15 @@ class DiffusionLossConfig:
     """Rescale the betas to zero terminal SNR (Lin et al. 2024): the last training step sees pure
     noise, as sampling does, so the layout must come from the text and cannot leak through the
     noise. Needs v-prediction; saved into the scheduler config (``rescale_betas_zero_snr``)."""
+
+    def __post_init__(self) -> None:
+        check_range(self, "diffusion", ">= 1", "num_train_timesteps")
+        check_range(self, "diffusion", ">= 0", "snr_gamma")
+        check_choice(self, "diffusion", "prediction_type", ("epsilon", "v_prediction"))
+        check_choice(self, "diffusion", "weighting", ("min_snr", "min_snr_plus_one"))
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise DatencoderError("diffusion.zero_terminal_snr needs diffusion.prediction_type v_prediction "
+                                  "(epsilon is undefined at SNR 0)")
 
 
 def diffusion_loss(

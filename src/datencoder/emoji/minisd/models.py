@@ -13,7 +13,19 @@ import torch
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+from ...config import check_range
 from ...errors import DatencoderError
+
+
+def _check_channels(cfg) -> None:
+    if not cfg.block_out_channels or min(cfg.block_out_channels) < 1:
+        raise DatencoderError(f"model.block_out_channels must be a non-empty list of positive widths, "
+                              f"got {cfg.block_out_channels}")
+    bad = [c for c in cfg.block_out_channels if c % cfg.norm_num_groups]
+    if bad:
+        raise DatencoderError(
+            f"model.block_out_channels {bad} must be multiples of model.norm_num_groups={cfg.norm_num_groups}"
+        )
 
 
 @dataclass
@@ -27,11 +39,11 @@ class MiniVAEConfig:
     norm_num_groups: int = 32
 
     def __post_init__(self) -> None:
-        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
-        if bad:
-            raise DatencoderError(
-                f"vae block_out_channels {bad} must be multiples of norm_num_groups={self.norm_num_groups}"
-            )
+        check_range(self, "model", ">= 1", "resolution", "layers_per_block", "latent_channels", "norm_num_groups")
+        _check_channels(self)
+        if self.resolution % 2 ** (len(self.block_out_channels) - 1):
+            raise DatencoderError(f"model.resolution {self.resolution} must be divisible by "
+                                  f"2^{len(self.block_out_channels) - 1} (one halving per extra block)")
 
     @property
     def latent_size(self) -> int:
@@ -51,6 +63,8 @@ class MiniUNetConfig:
     norm_num_groups: int = 32
 
     def __post_init__(self) -> None:
+        check_range(self, "model", ">= 1", "layers_per_block", "attention_head_dim", "norm_num_groups")
+        _check_channels(self)
         if len(self.cross_attention) != len(self.block_out_channels):
             raise DatencoderError(
                 "unet.cross_attention needs one true/false per entry of unet.block_out_channels"

@@ -9,16 +9,14 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
+from ...io import to_pil, to_pixels, to_uint8, write_atomic
 
 
 def save_grid(rows: list[torch.Tensor], path: Path) -> None:
     """rows: tensors (n, 3, H, W) in [-1, 1], one grid row each; written atomically as PNG."""
-    grid = torch.cat([torch.cat(list(r.float().clamp(-1, 1)), dim=2) for r in rows], dim=1)  # 3, rows*H, n*W
-    arr = ((grid.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(arr).save(tmp)
-    tmp.replace(path)
+    grid = torch.cat([torch.cat(list(r.float()), dim=2) for r in rows], dim=1)  # 3, rows*H, n*W
+    image = to_pil(grid)
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def make_pipeline(vae: AutoencoderKL, unet: UNet2DConditionModel, scheduler: DDPMScheduler, tokenizer, text_encoder) -> StableDiffusionPipeline:
@@ -48,10 +46,9 @@ def sample_images(pipe: StableDiffusionPipeline, prompts: list[str], steps: int,
 @torch.no_grad()
 def vae_roundtrip(vae: AutoencoderKL, images: list[Image.Image], batch_size: int = 64) -> list[Image.Image]:
     """RGB images encoded (posterior mean) and decoded: what a generator perfect up to the decoder gives."""
-    x = torch.from_numpy(np.stack([np.asarray(i.convert("RGB")) for i in images])).permute(0, 3, 1, 2)
-    x = x.float() / 127.5 - 1
+    x = to_pixels(np.stack([np.asarray(i.convert("RGB")) for i in images]))  # [N, 3, H, W]
     out = []
     for start in range(0, len(x), batch_size):
         y = vae.decode(vae.encode(x[start : start + batch_size]).latent_dist.mean).sample.clamp(-1, 1)
-        out.append(((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+        out.append(to_uint8(y).numpy())
     return [Image.fromarray(a) for a in np.concatenate(out)]

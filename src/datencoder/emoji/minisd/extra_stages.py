@@ -1,4 +1,4 @@
-"""Two auxiliary stages of the embedded default, run as ``datencoder minisd {tower,evaluator} CONFIG``.
+"""Two auxiliary stages of minisd-emoji, run as ``datencoder minisd {tower,evaluator} CONFIG``.
 
 * ``tower``: the image tower of minisd-emoji, a small CLIPVisionModel trained contrastively
   against frozen MiniLM sentence embeddings of train-split captions; exported next to the VAE
@@ -8,7 +8,7 @@
   composition index ``val_index`` of every (concept, style) is never trained on and is its
   validation set. Exported to assets/evaluator.
 
-Both reuse the minisd training loop (bf16, EMA, wall-clock budget, resumable checkpoints) and
+Both train on the one loop of ``datencoder.training`` (bf16, EMA, time budget, resumable checkpoints) and
 export the EMA weights when training stops, then write their measured accuracy to the work dir.
 """
 
@@ -23,19 +23,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from ..config import to_dict
-from ..emoji.data import STYLE_WORDS, STYLES
-from ..emoji.batches import (AugmentConfig, SourceBank, augment, composition_index, load_rows_uint8,
-                             read_concepts, read_rows)
-from ..emoji.evaluator import HEADS, EvaluatorArch, EvaluatorNet, save_evaluator
-from ..emoji.minisd.checkpoint import atomic_save_tensors, atomic_write_text
-from ..emoji.minisd.data import load_text_encoder
-from ..emoji.minisd.training import MiniTrainConfig, train
-from ..emoji.tower import ContrastiveTower, TowerArch, clip_loss, retrieval_accuracy, save_tower, sentence_embeddings
-from ..io import ASSETS
+from ...config import to_dict
+from ...io import ASSETS, save_file_atomic, to_uint8, write_json_atomic
+from ...training import load_ema_weights
+from ..batches import (AugmentConfig, SourceBank, augment, composition_index, load_rows_uint8, read_concepts,
+                       read_rows)
+from ..data import STYLE_WORDS, STYLES
+from ..evaluator import HEADS, EvaluatorArch, EvaluatorNet, save_evaluator
+from ..tower import ContrastiveTower, TowerArch, clip_loss, retrieval_accuracy, save_tower, sentence_embeddings
+from .config import MiniTrainConfig
+from .data import load_text_encoder
+from .stages import train_stage
 
 __all__ = ["TowerStageConfig", "EvaluatorStageConfig", "run_tower", "run_evaluator", "full_caption"]
 
@@ -104,7 +104,7 @@ def _text_embeddings(captions: list[str], cache: Path) -> torch.Tensor:
     tokenizer, encoder = load_text_encoder(128)  # captions are ~20 tokens; nothing is cut
     logger.info("embedding %d captions with MiniLM", len(captions))
     emb = sentence_embeddings(captions, encoder, tokenizer)
-    atomic_save_tensors({"embeddings": emb}, cache, {"digest": digest})
+    save_file_atomic(cache, {"embeddings": emb}, {"digest": digest})
     return emb
 
 
@@ -151,11 +151,11 @@ def run_tower(cfg: TowerStageConfig, resume: bool) -> int:
         loss = clip_loss(emb.float(), text[idx], m.logit_scale)
         return {"loss": loss, "temperature": 1.0 / m.logit_scale.detach().exp()}
 
-    result = train(model, n_train, loss_fn, cfg.train, resume, None, {"config": to_dict(cfg)})
+    result = train_stage(model, loss_fn, n_train, cfg.train, resume, meta={"config": to_dict(cfg)})
     ema = _ema_model(model, work)
     metrics = {
-        "step": result["step"],
-        "train_minutes": result["train_seconds"] / 60,
+        "step": result.step,
+        "train_minutes": result.train_seconds / 60,
         "temperature": float(1.0 / ema.logit_scale.exp()),
         "train_style_heldout_rows": _retrieval(ema, images[n_train : n_train + n_eval], text[n_train : n_train + n_eval], cfg.data.eval_batch),
         "heldout_concept": _retrieval(ema, images[n_train + n_eval :], text[n_train + n_eval :], cfg.data.eval_batch),
@@ -164,17 +164,16 @@ def run_tower(cfg: TowerStageConfig, resume: bool) -> int:
     save_tower(ema.vision, out, [0.5] * 3, [0.5] * 3)
     # The projection into MiniLM space is shipped too: it lets image features be compared with
     # sentence embeddings (an image-text score for the minisd-emoji world).
-    atomic_save_tensors({"weight": ema.proj.weight.detach().half()}, out / "projection.safetensors")
-    atomic_write_text(out / "datencoder_tower.json", json.dumps({"config": to_dict(cfg), "metrics": metrics}, indent=1))
-    atomic_write_text(work / "metrics.json", json.dumps(metrics, indent=1))
+    save_file_atomic(out / "projection.safetensors", {"weight": ema.proj.weight.detach().half()})
+    write_json_atomic(out / "datencoder_tower.json", {"config": to_dict(cfg), "metrics": metrics})
+    write_json_atomic(work / "metrics.json", metrics)
     logger.info("tower retrieval: %s", json.dumps(metrics))
     return 0
 
 
 def _ema_model(model: torch.nn.Module, work: Path) -> torch.nn.Module:
     """The model carrying the EMA weights of the stage's checkpoint, in eval mode, fp32."""
-    tensors = load_file(str(work / "checkpoint.safetensors"))
-    model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, strict=False)
+    model.load_state_dict(load_ema_weights(work), strict=False)
     return model.eval()
 
 
@@ -237,7 +236,7 @@ def run_evaluator(cfg: EvaluatorStageConfig, resume: bool) -> int:
         terms["loss"] = sum(cfg.head_weights.get(h, 1.0) * terms[h] for h in HEADS)
         return terms
 
-    result = train(net, len(bank), loss_fn, cfg.train, resume, None, {"config": to_dict(cfg)})
+    result = train_stage(net, loss_fn, len(bank), cfg.train, resume, meta={"config": to_dict(cfg)})
     ema = _ema_model(net, work)
     val_images = load_rows_uint8(root, val_rows, cfg.model.image_size)
     val_labels = _labels_of(val_rows, index)
@@ -255,7 +254,7 @@ def run_evaluator(cfg: EvaluatorStageConfig, resume: bool) -> int:
         net_p.prototypes.copy_(protos)
         candidates[name] = net_p
     scores = {k: evaluate_heads(m, val_images, val_labels) for k, m in candidates.items()}
-    metrics = {"step": result["step"], "train_minutes": result["train_seconds"] / 60,
+    metrics = {"step": result.step, "train_minutes": result.train_seconds / 60,
                "val_index": cfg.data.val_index,
                "heads_val": {k: {h: v[h] for h in ("concept", "style")} for k, v in scores.items()}}
     # Pick on concept accuracy, then style (one choice among three, made on the validation set).
@@ -270,12 +269,12 @@ def run_evaluator(cfg: EvaluatorStageConfig, resume: bool) -> int:
         pick = torch.randperm(len(val_rows), generator=torch.Generator().manual_seed(0))[:512]
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             rec = vae.decode(vae.encode(_to_float(val_images[pick])).latent_dist.mean).sample.float()
-        rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        rec = to_uint8(rec).movedim(-1, -3)  # channels first, like the stored images
         metrics["val_vae_reconstructed_512"] = evaluate_heads(best, rec, {h: v[pick] for h, v in val_labels.items()})
     out = Path(cfg.export_dir) if cfg.export_dir else ASSETS / "evaluator"
     names = {c["key"]: c["name"] for c in concepts}
     save_evaluator(best, labels, out, names, {"config": to_dict(cfg), "metrics": metrics})
-    atomic_write_text(work / "metrics.json", json.dumps(metrics, indent=1))
+    write_json_atomic(work / "metrics.json", metrics)
     logger.info("evaluator validation: %s", json.dumps(metrics))
     return 0
 
