@@ -9,6 +9,8 @@ accuracy on the real composite of each prompt (what a perfect generator would sc
 
     python benchmarks/minisd_quality.py [--prompts 200] [--seeds 4] [--out docs/minisd_quality.json]
 
+``--data`` (the emoji data set), ``--evaluator`` and ``--pretrained`` are checked before any image
+is generated; a missing one ends the run with a one-line error.
 Per-image predictions are appended to ``--work``/images.jsonl as batches finish, so an
 interrupted run continues where it stopped.
 """
@@ -36,6 +38,7 @@ from datencoder.emoji.data import BACKGROUNDS, POSITIONS, SIZES, compose, domina
 from datencoder.emoji.batches import composition_index, load_rows_uint8, read_rows  # noqa: E402
 from datencoder.emoji.evaluator import HEADS, load_evaluator  # noqa: E402
 from datencoder.emoji.minisd.sampling import make_pipeline, vae_roundtrip  # noqa: E402
+from datencoder.errors import DatencoderError  # noqa: E402
 
 STYLES = ("noto", "twemoji", "openmoji")  # fluent3d is the held-out style of every concept
 # Every 8th prompt drops the style, every 8th (offset 4) drops size and position; those
@@ -53,6 +56,8 @@ def build_prompts(root: Path, n: int, seed: int = 0) -> list[dict]:
     """n prompts over distinct train-split concepts with drawn style, size, position, background."""
     rows = read_rows(root, ["train"])
     concepts = sorted({r["concept"]: r["name"] for r in rows}.items())
+    if not concepts:
+        raise DatencoderError(f"{root / 'manifest.jsonl'} has no train-split rows to build prompts from")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(concepts))
     prompts = []
@@ -143,11 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     root = Path(args.data)
     work = Path(args.work)
+    try:  # every input up front, before a work folder is made or an image generated
+        specs = build_prompts(root, args.prompts)
+        evaluator = load_evaluator(args.evaluator)
+        base = load_base(args.pretrained, with_image_tower=False).freeze()
+    except DatencoderError as err:
+        raise SystemExit(f"minisd_quality: {err}") from None
     work.mkdir(parents=True, exist_ok=True)
-
-    specs = build_prompts(root, args.prompts)
-    evaluator = load_evaluator(args.evaluator)
-    base = load_base(args.pretrained, with_image_tower=False).freeze()
     pipe = make_pipeline(base.vae, base.unet, base.scheduler, base.tokenizer, base.text_encoder)
     settings = {k: getattr(args, k) for k in ("prompts", "seeds", "steps", "guidance", "pretrained")}
     log_path = work / "images.jsonl"

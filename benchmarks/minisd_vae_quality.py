@@ -8,7 +8,9 @@ spread evenly over the manifest.
     python benchmarks/minisd_vae_quality.py --vae PATH [--images 600] [--out FILE.json]
 
 PATH is an exported model folder (its ``vae/`` subfolder), a ``vae/`` folder, or a
-``datencoder minisd vae`` work dir (its EMA weights).
+``datencoder minisd vae`` work dir (its EMA weights). ``--data`` (the emoji data set),
+``--evaluator`` (default: the shipped one) and ``--vae`` are checked before anything is
+computed; a missing one ends the run with a one-line error.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch  # noqa: E402
 
 from datencoder.emoji.batches import composition_index, load_rows_uint8, read_rows  # noqa: E402
 from datencoder.emoji.evaluator import load_evaluator  # noqa: E402
+from datencoder.errors import DatencoderError  # noqa: E402
 
 
 def load_vae(path: Path):
@@ -34,6 +37,10 @@ def load_vae(path: Path):
 
     from datencoder.training import find_checkpoint, read_checkpoint
 
+    folder = path / "vae" if (path / "vae" / "config.json").exists() else path
+    if find_checkpoint(path) is None and not (folder / "config.json").exists():
+        raise DatencoderError(f"no VAE at {path}: give an exported model folder, a vae/ folder or a "
+                              "'datencoder minisd vae' work dir")
     if find_checkpoint(path) is not None:  # a training work dir (either checkpoint layout): its EMA weights
         from datencoder.emoji.minisd.models import MiniVAEConfig, build_vae
 
@@ -41,7 +48,6 @@ def load_vae(path: Path):
         vae = build_vae(MiniVAEConfig(**ckpt.meta["config"]["model"]))
         vae.load_state_dict(ckpt.averaged())
         return vae.eval()
-    folder = path / "vae" if (path / "vae" / "config.json").exists() else path
     return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval()
 
 
@@ -63,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--vae", required=True)
     p.add_argument("--data", default="/work/data/emoji")
+    p.add_argument("--evaluator", default=None, help="evaluator folder (default: the shipped one)")
     p.add_argument("--styles", default="noto,twemoji,openmoji,fluent3d")
     p.add_argument("--images", type=int, default=600)
     p.add_argument("--threads", type=int, default=1)
@@ -70,12 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     styles = args.styles.split(",")
-    rows = [r for r in read_rows(args.data, ["train", "heldout_style"]) if composition_index(r) == 3 and r["style"] in styles]
+    try:  # every input up front, before any image is read
+        rows = [r for r in read_rows(args.data, ["train", "heldout_style"])
+                if composition_index(r) == 3 and r["style"] in styles]
+        if not rows:
+            raise DatencoderError(f"no held-in composition-3 rows of styles {styles} in {args.data}")
+        evaluator = load_evaluator(args.evaluator)
+        t0 = time.perf_counter()
+        vae = load_vae(Path(args.vae))
+        load_seconds = time.perf_counter() - t0
+    except DatencoderError as err:
+        raise SystemExit(f"minisd_vae_quality: {err}") from None
     rows = [rows[int(i)] for i in torch.linspace(0, len(rows) - 1, min(args.images, len(rows))).long()]
     x = load_rows_uint8(args.data, rows).float() / 127.5 - 1
-    evaluator = load_evaluator()
-    t0 = time.perf_counter()
-    vae = load_vae(Path(args.vae))
+    t0 = time.perf_counter() - load_seconds  # "seconds": VAE loading + reconstruction + scoring, not image reading
     y = reconstruct(vae, x)
     mse = ((y - x) / 2).pow(2).mean(dim=(1, 2, 3))  # in [0, 1] pixel units
     psnr = float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean())
