@@ -200,9 +200,8 @@ def test_v2_configs_load_into_their_stage_and_build(name, tmp_path):
         return
     if shipped_vae:
         exported = json.loads((ASSETS / "minisd-emoji" / "vae" / "config.json").read_text())
-        vae_cfg = MiniVAEConfig(resolution=exported["sample_size"], block_out_channels=exported["block_out_channels"],
-                                layers_per_block=exported["layers_per_block"], latent_channels=exported["latent_channels"],
-                                norm_num_groups=exported["norm_num_groups"])
+        keys = ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups")
+        vae_cfg = MiniVAEConfig(resolution=exported["sample_size"], **{k: exported[k] for k in keys})
     with torch.device("meta"):  # shapes only: B alone is 35 M parameters
         unet = build_unet(cfg.model, vae_cfg, text_dim=384)
     assert unet.config.sample_size == vae_cfg.latent_size and unet.config.in_channels == vae_cfg.latent_channels
