@@ -14,6 +14,9 @@ Stages, each measured in a fresh subprocess (so every peak belongs to one phase)
   personalize  the encoder's prediction plus --tune-steps tuning steps, dual path on, per
                --batch-sizes (tune.batch_size)
   generate     --sample-steps DDIM steps, one image, guidance 7.5, dual path on
+  export       the encoder's concept (random offsets of the encoder's shapes) exported for stock
+               diffusers and for kohya tools, and both LoRA files loaded by a stock diffusers
+               pipeline of the same folder: finite and different UNet output with each LoRA
 each with every --options entry: fp32, bf16, fp16, optionally "+ckpt" (gradient checkpointing).
 Peak memory: on the CPU the process's resident-set high-water mark (VmHWM) after the models are
 loaded and the counter reset ("peak") and over the whole process ("process peak", with loading);
@@ -44,7 +47,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-STAGES = ("pretrain", "personalize", "generate")
+STAGES = ("pretrain", "personalize", "generate", "export")
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 # Architectures: SD 1.5 (the configs of stable-diffusion-v1-5 and openai/clip-vit-large-patch14),
@@ -241,6 +244,8 @@ def measure(model: str, arch: str, stage: str, option: str, batch: int, args) ->
         tune = dataclasses.replace(cfg.tune, steps=args.tune_steps, batch_size=batch, gradient_checkpointing=ckpt)
         concept = personalize(system, pixels[0], tune)
         finite = bool(torch.isfinite(concept.embedding).all())
+    elif stage == "export":
+        finite = _export_and_load(system, pixels[0], cfg, model, dtype, device)
     else:
         finite = _generate(base, cfg, args.sample_steps)
     if device.type == "cuda":
@@ -251,19 +256,70 @@ def measure(model: str, arch: str, stage: str, option: str, batch: int, args) ->
             "finite": finite, "status": "measured"}
 
 
+def _random_factors(unet, cfg, gen) -> dict:
+    """Small random (A, B) for every offset target (an untrained encoder predicts B = 0)."""
+    import torch
+
+    from datencoder.attention import target_layer_shapes
+
+    return {name: (0.01 * torch.randn(cfg.encoder.rank, fan_in, generator=gen),
+                   0.01 * torch.randn(fan_out, cfg.encoder.rank, generator=gen))
+            for name, (fan_in, fan_out) in target_layer_shapes(unet, cfg.encoder.targets,
+                                                               cfg.encoder.attention_kinds).items()}
+
+
+def _export_and_load(system, pixels, cfg, model: str, dtype: str, device) -> bool:
+    """Export a concept both ways and load each LoRA into a stock diffusers pipeline of ``model``."""
+    import tempfile
+
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from datencoder.export import LORA_FILE, export_concept
+    from datencoder.tuning import personalize
+
+    concept = personalize(system, pixels, dataclasses.replace(cfg.tune, steps=0))
+    concept.factors = _random_factors(system.base.unet, cfg, torch.Generator().manual_seed(1))
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype).to(device)
+    unet = pipe.unet
+    gen = torch.Generator().manual_seed(2)
+    sample = torch.randn(1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
+                         generator=gen).to(device, torch_dtype)
+    context = torch.randn(1, 77, unet.config.cross_attention_dim, generator=gen).to(device, torch_dtype)
+    extra = {}
+    if unet.config.addition_embed_type == "text_time":
+        pooled = pipe.text_encoder_2.config.projection_dim
+        extra = {"added_cond_kwargs": {"text_embeds": torch.zeros(1, pooled, dtype=torch_dtype, device=device),
+                                       "time_ids": torch.zeros(1, 6, dtype=torch_dtype, device=device)}}
+
+    @torch.no_grad()
+    def out():
+        return unet(sample, 500, encoder_hidden_states=context, **extra).sample.float()
+
+    plain, ok = out(), True
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in ("diffusers", "kohya"):
+            folder = export_concept(concept, Path(tmp) / fmt, fmt)
+            weight = LORA_FILE if fmt == "diffusers" else next(folder.glob("*_lora.safetensors")).name
+            pipe.load_lora_weights(str(folder), weight_name=weight, adapter_name=fmt)
+            pipe.set_adapters([fmt])
+            with_lora = out()
+            ok = ok and bool(torch.isfinite(with_lora).all()) and not torch.equal(with_lora, plain)
+            print(json.dumps({"format": fmt, "max_abs_change": float((with_lora - plain).abs().max())}),
+                  file=sys.stderr)
+    return ok
+
+
 def _generate(base, cfg, steps: int) -> bool:
     """25-step dual-path generation with a concept of random factors of the encoder's shapes."""
     import torch
 
     from datencoder.concept import Concept
-    from datencoder.attention import target_layer_shapes
     from datencoder.pipeline import ConceptPipeline
 
     gen = torch.Generator().manual_seed(1)
-    factors = {name: (0.01 * torch.randn(cfg.encoder.rank, fan_in, generator=gen),
-                      0.01 * torch.randn(fan_out, cfg.encoder.rank, generator=gen))
-               for name, (fan_in, fan_out) in target_layer_shapes(base.unet, cfg.encoder.targets,
-                                                                          cfg.encoder.attention_kinds).items()}
+    factors = _random_factors(base.unet, cfg, gen)
     widths = [enc.get_input_embeddings().weight.shape[1]
               for enc in (base.text_encoder, getattr(base, "text_encoder_2", None)) if enc is not None]
     concept = Concept(embedding=0.01 * torch.randn(sum(widths), generator=gen), factors=factors, hard_word="dog",

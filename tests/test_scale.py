@@ -24,13 +24,13 @@ def test_scale_benchmark_quick(tmp_path):
     common = ["--quick", "--out", str(tmp_path), "--threads", "1", "--tune-steps", "1", "--sample-steps", "2"]
     assert scale.main([*common, "--in-process", "--stages", "pretrain,personalize",
                        "--options", "bf16+ckpt", "--batch-sizes", "1,3"]) == 0
-    done = subprocess.run([sys.executable, str(SCRIPT), *common, "--stages", "generate", "--options", "fp32"],
+    done = subprocess.run([sys.executable, str(SCRIPT), *common, "--stages", "generate,export", "--options", "fp32"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = _rows(tmp_path)
     assert [(r["stage"], r["option"], r["batch"]) for r in rows] == [
         ("pretrain", "bf16+ckpt", 1), ("personalize", "bf16+ckpt", 1), ("personalize", "bf16+ckpt", 3),
-        ("generate", "fp32", 1)]
+        ("generate", "fp32", 1), ("export", "fp32", 1)]
     for r in rows:
         assert r["status"] == "measured" and r["finite"] and r["seconds"] > 0 and r["peak_mb"] > 0, r
     tokenizer = json.loads((tmp_path / "model" / "tokenizer" / "tokenizer_config.json").read_text())
@@ -47,7 +47,7 @@ def test_scale_benchmark_quick_sdxl(tmp_path):
                        "--sample-steps", "2", "--in-process", "--options", "bf16+ckpt", "--batch-sizes", "3"]) == 0
     rows = _rows(tmp_path)
     assert [(r["stage"], r["arch"]) for r in rows] == [
-        ("pretrain", "quick_sdxl"), ("personalize", "quick_sdxl"), ("generate", "quick_sdxl")]
+        ("pretrain", "quick_sdxl"), ("personalize", "quick_sdxl"), ("generate", "quick_sdxl"), ("export", "quick_sdxl")]
     for r in rows:
         assert r["status"] == "measured" and r["finite"], r
     assert (tmp_path / "model" / "text_encoder_2" / "config.json").is_file()
