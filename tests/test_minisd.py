@@ -200,3 +200,24 @@ def test_cached_text_states_match_what_a_stock_pipeline_encodes():
     theirs, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
     assert ours.shape == (2, 16, encoder.config.hidden_size)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_vae_decoder_only_keeps_the_latent_space(tmp_path):
+    """decoder_only=true starts from another VAE stage's EMA weights and trains the decoder only:
+    every encoder tensor (hence every latent a UNet was trained on) is bit-identical, the
+    decoder moves; without init_from the option is refused in one line."""
+    _dataset(tmp_path / "data")
+    vae, _ = _tiny(tmp_path, 2)
+    _run("vae", vae)
+    first = _tensors(tmp_path / "vae")
+    tuned = [o for o in vae if not o.startswith("train.work_dir=")] + [
+        f"train.work_dir={tmp_path / 'decoder'}", f"init_from={tmp_path / 'vae'}", "decoder_only=true"]
+    _run("vae", tuned)
+    second = _tensors(tmp_path / "decoder")
+    encoder = [k for k in first if k.startswith("ema.encoder.") or k.startswith("ema.quant_conv.")]
+    decoder = [k for k in first if k.startswith("ema.decoder.")]
+    assert encoder and decoder
+    assert all(torch.equal(first[k], second[k]) for k in encoder)
+    assert any(not torch.equal(first[k], second[k]) for k in decoder)
+    with pytest.raises(DatencoderError, match="decoder_only=true needs init_from"):
+        load_config("minisd_vae", ["decoder_only=true"], cls=VAEStageConfig)

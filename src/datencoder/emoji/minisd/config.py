@@ -9,7 +9,6 @@ from ...errors import DatencoderError
 from .data import MiniDataConfig
 from .losses import DiffusionLossConfig, VAELossConfig
 from .models import MiniUNetConfig, MiniVAEConfig
-from ...errors import DatencoderError
 from ...training import LoopConfig
 
 
@@ -53,6 +52,15 @@ class VAEStageConfig:
     data: MiniDataConfig = field(default_factory=MiniDataConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
     train: MiniTrainConfig = field(default_factory=lambda: MiniTrainConfig(work_dir="runs/minisd/vae"))
+    init_from: str = ""
+    """A VAE stage folder whose EMA weights start this run (same architecture); empty: random init."""
+    decoder_only: bool = False
+    """Train the decoder (and post_quant_conv) only: the encoder, hence the latent space a UNet was
+    trained on and its cached latents, stays exactly as it was. Needs ``init_from``."""
+
+    def __post_init__(self) -> None:
+        if self.decoder_only and not self.init_from:
+            raise DatencoderError("decoder_only=true needs init_from=VAE_STAGE_FOLDER (the encoder to keep)")
 
 
 @dataclass

@@ -77,6 +77,20 @@ def run_vae(cfg: VAEStageConfig, resume: bool) -> int:
     logger.info("VAE: %d training images", len(images))
     with seeded_init(cfg.train.seed):
         vae = build_vae(cfg.model)
+    if cfg.init_from and not resume:
+        try:
+            vae.load_state_dict(load_ema_weights(Path(cfg.init_from)))
+        except RuntimeError as e:
+            raise DatencoderError(f"init_from={cfg.init_from}: its VAE has another architecture "
+                                  f"({str(e).splitlines()[0]})") from None
+        logger.info("VAE initialised from the EMA weights in %s", cfg.init_from)
+    if cfg.decoder_only:
+        # The latent space is the encoder's: frozen, a UNet trained on it (and its cached
+        # latents) stay valid while the reconstructions improve.
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+        logger.info("decoder only: %d of %d VAE parameters trained", sum(p.numel() for p in vae.parameters() if p.requires_grad),
+                    sum(p.numel() for p in vae.parameters()))
     show = images[torch.linspace(0, len(images) - 1, 8).long()]
 
     def loss_fn(model, idx, gen):
