@@ -57,8 +57,7 @@ def _atomic(path: str | Path, write) -> None:
     """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it into place."""
     path = Path(path)
     tmp = None
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -74,6 +73,13 @@ def _atomic(path: str | Path, write) -> None:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it; it is put straight back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _first_line(err: BaseException) -> str:
@@ -216,9 +222,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DatencoderError
+from ..io import write_text_atomic
 from .checkpoint import (find_checkpoint, load_optimizer_tensors, optimizer_tensors, read_checkpoint, rng_state,
                          set_rng_state, write_checkpoint)
 from .order import StreamOrder, mix, shard_positions
@@ -190,9 +191,7 @@ def _trim_log(path: Path, step: int) -> None:
     """After a resume, drop log rows written after the checkpoint (they are re-run)."""
     if path.is_file():
         rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(f"{r}\n" for r in rows))
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(f"{r}\n" for r in rows))
 
 
 def _agree(accelerator, flag: bool) -> bool:

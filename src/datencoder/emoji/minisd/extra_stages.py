@@ -26,7 +26,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from ...config import to_dict
-from ...io import ASSETS, save_file_atomic, to_uint8, write_json_atomic
+from ...io import ASSETS, save_file_atomic, to_pixels, to_uint8, write_json_atomic
 from ...training import load_ema_weights
 from ..batches import (AugmentConfig, SourceBank, augment, composition_index, load_rows_uint8, read_concepts,
                        read_rows)
@@ -109,7 +109,8 @@ def _text_embeddings(captions: list[str], cache: Path) -> torch.Tensor:
 
 
 def _to_float(images: torch.Tensor) -> torch.Tensor:
-    return images.float() / 127.5 - 1.0
+    """uint8 [N, 3, H, W] (the stored layout) -> [-1, 1] through the one pixel pair."""
+    return to_pixels(images.movedim(-3, -1))
 
 
 @torch.no_grad()
