@@ -94,6 +94,33 @@ def test_select_targets_groups_filters_and_explicit_images(emoji_root):
         select_targets(TargetsConfig())
 
 
+def test_method_per_category_keeps_the_same_subset_in_every_shard(tmp_path):
+    from datencoder.eval.config import MethodConfig
+    from datencoder.eval.targets import method_targets
+
+    rows = [{"file": f"images/{style}/{c}{i}.png", "source": f"sources/{style}/{c}{i}.png", "concept": f"{c}{i}",
+             "name": f"{c} {i}", "category": c, "style": style, "split": "heldout_concept"}
+            for c in ("flags", "objects", "symbols") for i in range(4) for style in ("noto", "fluent3d")]
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    groups = [{"name": "seen", "style": "noto", "per_category": 3}, {"name": "unseen", "style": "fluent3d",
+                                                                     "per_category": 2}]
+    cfg = from_dict(TargetsConfig, {"manifest": str(tmp_path / "manifest.jsonl"), "groups": groups})
+    everything = select_targets(cfg)
+    assert len(everything) == 15
+    first = MethodConfig(name="long", kind="textual_inversion", per_category=1)
+    subset = method_targets(first, everything)
+    firsts: dict = {}
+    for t in everything:  # the first target picked for each (group, category)
+        firsts.setdefault((t.group, t.category), t.image)
+    assert [t.image for t in subset] == list(firsts.values())
+    assert len(method_targets(MethodConfig(name="two", kind="textual_inversion", per_category=2), everything)) == 12
+    for n in (2, 4, 7):  # the processes of an n-way shard run exactly the same subset between them
+        shards = [method_targets(first, select_targets(cfg, (k, n))) for k in range(n)]
+        assert sorted(t.image for s in shards for t in s) == sorted(t.image for t in subset)
+    with pytest.raises(DatencoderError, match="per_category must be >= 1"):
+        MethodConfig(name="x", kind="textual_inversion", per_category=0)
+
+
 def _pixels(base, seed=0):
     return torch.rand(3, base.resolution, base.resolution, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 

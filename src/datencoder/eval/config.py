@@ -35,6 +35,9 @@ class MethodConfig:
     categories: list[str] | None = None
     """Only targets of these categories (E4T inside its domain); None = all."""
     exclude_categories: list[str] = field(default_factory=list)
+    per_category: int | None = None
+    """Only the first N targets of each group's category (a subset for costly methods, e.g. the long
+    baselines on 12 of 36 targets; the same subset in every shard); None = all."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -43,6 +46,8 @@ class MethodConfig:
             raise DatencoderError(f"method {self.name}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.kind == "ours" and not self.encoder:
             raise DatencoderError(f"method {self.name}: kind 'ours' needs encoder: FOLDER")
+        if self.per_category is not None and self.per_category < 1:
+            raise DatencoderError(f"method {self.name}: per_category must be >= 1, got {self.per_category}")
         if self.steps < 0:
             raise DatencoderError(f"method {self.name}: steps must be >= 0, got {self.steps}")
         if not isinstance(self.overrides, dict):

@@ -27,6 +27,9 @@ class Target:
     category: str
     style: str
     group: str
+    rank: int = 0
+    """Its place among its group's concepts of its category (0 = first picked): a method's
+    ``per_category`` keeps ranks below it, the same targets whichever shard a process runs."""
 
 
 def _manifest_rows(manifest: str | Path) -> list[dict]:
@@ -111,9 +114,10 @@ def select_targets(cfg: TargetsConfig, shard: tuple[int, int] | None = None) -> 
         for category in sorted(by_category):
             concepts = sorted(by_category[category], key=lambda c: hashlib.sha256(
                 f"{cfg.seed}:{c}".encode()).hexdigest())
-            for concept in concepts[: group.per_category]:
+            for rank, concept in enumerate(concepts[: group.per_category]):
                 row = by_category[category][concept]
-                targets.append(Target(str(root / row[key]), concept, row["name"], category, row["style"], group.name))
+                targets.append(Target(str(root / row[key]), concept, row["name"], category, row["style"],
+                                      group.name, rank))
     known = {str(root / r[k]): r for r in rows for k in ("file", "source")}
     for image in cfg.images:
         row = known.get(str(image)) or known.get(str(root / image))
@@ -139,4 +143,5 @@ def select_targets(cfg: TargetsConfig, shard: tuple[int, int] | None = None) -> 
 
 def method_targets(method: MethodConfig, targets: list[Target]) -> list[Target]:
     return [t for t in targets if (method.categories is None or t.category in method.categories)
-            and t.category not in method.exclude_categories]
+            and t.category not in method.exclude_categories
+            and (method.per_category is None or t.rank < method.per_category)]
