@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         personalize_with(method, base, pixels, systems, {})  # warm-up (loads the encoder once)
         reset_peak_memory()
         start = time.perf_counter()
-        concept = personalize_with(method, base, pixels, systems, {})
+        concept, _ = personalize_with(method, base, pixels, systems, {})
         seconds = time.perf_counter() - start
         row = {"method": name, "timed_steps": method.steps, "seconds": round(seconds, 3),
                "peak_mb": concept.info.get("peak_memory_mb")}

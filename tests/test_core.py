@@ -149,6 +149,32 @@ def test_contrastive_loss_properties():
     assert cos(v2[1], table[3]) < cos(v[1].detach(), table[3])
 
 
+def test_predicted_negatives_keep_concepts_sharing_a_word_apart():
+    g = torch.Generator().manual_seed(0)
+    table = torch.nn.functional.normalize(torch.randn(50, 16, generator=g), dim=-1)
+    hub = table[5]
+    v = (hub + 0.2 * torch.randn(3, 16, generator=g)).requires_grad_()  # three concepts near one word
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=-1)  # noqa: E731
+    mean_pairwise = lambda x: (cos(x[0], x[1]) + cos(x[0], x[2]) + cos(x[1], x[2])) / 3  # noqa: E731
+
+    def stepped(predicted_negatives):
+        v.grad = None
+        nn_contrastive_loss(v, table, num_negatives=0, predicted_negatives=predicted_negatives).backward()
+        with torch.no_grad():
+            return v - 0.05 * v.grad
+
+    before = mean_pairwise(v.detach())
+    assert mean_pairwise(stepped(True)) < before - 1e-3  # pushed apart
+    # the plain term: all three sharing the hub as their only candidate costs nothing, no gradient at all
+    assert torch.equal(stepped(False), v.detach()) and not v.grad.abs().any()
+    # rows that are copies of one concept (a tuning batch) are not pushed apart from themselves
+    one = table[[2, 2, 2]] + 0.1
+    plain = nn_contrastive_loss(one, table, num_negatives=7, generator=torch.Generator().manual_seed(1))
+    apart = nn_contrastive_loss(one, table, num_negatives=7, generator=torch.Generator().manual_seed(1),
+                                predicted_negatives=True)
+    torch.testing.assert_close(apart, plain)
+
+
 def test_diffusion_target_follows_prediction_type(system):
     from diffusers import DDPMScheduler
 

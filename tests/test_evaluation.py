@@ -13,7 +13,7 @@ from PIL import Image
 
 from datencoder.attention import AdapterInputs
 from datencoder.base import load_base
-from datencoder.eval.baselines import (DreamBoothLoRAConfig, TextualInversionConfig, add_peft_lora, dreambooth_lora,
+from datencoder.eval.baselines import (DreamBoothConfig, DreamBoothLoRAConfig, dreambooth_unet, TextualInversionConfig, add_peft_lora, dreambooth_lora,
                                   peft_factors, textual_inversion)
 from datencoder.config import Config, from_dict, load_config, to_dict
 from datencoder.emoji.data import BACKGROUNDS, POSITIONS, SIZES, STYLES
@@ -179,6 +179,25 @@ def test_dreambooth_lora_concept_generates_and_exports(base, tmp_path):
         dreambooth_lora(base, _pixels(base), DreamBoothLoRAConfig(steps=1, rare_word="zzqx"))
 
 
+def test_whole_unet_dreambooth_tunes_a_copy_of_every_unet_weight(base):
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    cfg = DreamBoothConfig(steps=2, batch_size=3, rare_word="ghost", lr=1e-3)
+    concept, tuned = dreambooth_unet(base, _pixels(base, 1), cfg)
+    assert all(torch.equal(v, before[k]) for k, v in base.unet.state_dict().items())  # base untouched
+    assert tuned.unet is not base.unet and tuned.text_encoder is base.text_encoder
+    changed = {k for k, v in tuned.unet.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])}
+    assert "conv_in.weight" in changed and any("resnets" in k for k in changed)  # not only attention
+    assert concept.factors == {} and concept.hard_word == "ghost" and concept.info["prompt_placeholder"] == "S* emoji"
+    prompt = ["S* emoji, on a red background"]
+    mine = ConceptPipeline(tuned, concept)(prompt, num_images=1, num_inference_steps=2, seed=0)
+    plain = ConceptPipeline(base, concept)(prompt, num_images=1, num_inference_steps=2, seed=0)
+    assert mine[0].tobytes() != plain[0].tobytes()
+    with pytest.raises(DatencoderError, match="not a single token"):
+        dreambooth_unet(base, _pixels(base), DreamBoothConfig(steps=1, rare_word="zzqx"))
+    with pytest.raises(DatencoderError, match="dreambooth.lr must be > 0"):
+        DreamBoothConfig(lr=0)
+
+
 def _eval_config(tiny_base_dir, emoji_root, evaluator_dir, encoder_dir, out) -> EvalConfig:
     data = {
         "base": str(tiny_base_dir), "evaluator": str(evaluator_dir), "output_dir": str(out),
@@ -192,6 +211,8 @@ def _eval_config(tiny_base_dir, emoji_root, evaluator_dir, encoder_dir, out) -> 
             {"name": "ti-2", "kind": "textual_inversion", "steps": 2, "overrides": {"batch_size": 2}},
             {"name": "db-2", "kind": "dreambooth_lora", "steps": 2,
              "overrides": {"batch_size": 2, "rank": 2, "rare_word": "ghost"}, "categories": ["food-drink"]},
+            {"name": "dbu-2", "kind": "dreambooth", "steps": 2,
+             "overrides": {"batch_size": 2, "rare_word": "ghost"}, "categories": ["food-drink"]},
         ],
     }
     return from_dict(EvalConfig, data)
@@ -206,7 +227,7 @@ def test_harness_writes_reports_and_resumes(tiny_base_dir, emoji_root, evaluator
     config_file.write_text(yaml.safe_dump(to_dict(cfg)))
     assert main(["evaluate", str(config_file)]) == 0
     records = read_records(out / "records.jsonl")
-    assert len(records) == (2 + 2 + 1) * 2  # db-2 only sees its category's target
+    assert len(records) == (2 + 2 + 1 + 1) * 2  # db-2 and dbu-2 only see their category's target
     assert {(r["method"], r["concept"]) for r in records if r["method"] == "db-2"} == {("db-2", "1f34e")}
     for r in records:
         assert -1.0001 <= r["identity"] <= 1.0001 and r["top1"] in (0, 1) and r["top5"] in (0, 1)
@@ -215,19 +236,19 @@ def test_harness_writes_reports_and_resumes(tiny_base_dir, emoji_root, evaluator
         assert {a for a in ("background", "position", "size") if r[f"{a}_ok"] is not None} == set(stated)
         assert (out / r["file"]).is_file()
     text = (out / "results.md").read_text()
-    assert all(f"| {m} |" in text for m in ("ours-1", "ti-2", "db-2")) and "heldin" in text
+    assert all(f"| {m} |" in text for m in ("ours-1", "ti-2", "db-2", "dbu-2")) and "heldin" in text
     assert Image.open(out / "scatter.png").size == (900, 520)
     assert list(out.glob("grid_0_*.png"))
 
     again = run_evaluation(cfg)
-    assert again["ran"] == [] and len(again["skipped"]) == 5
+    assert again["ran"] == [] and len(again["skipped"]) == 6
     def key(r):
         return r["method"], r["target"], r["prompt_index"], r["seed"]
 
     # the per-method files hold what records.jsonl merges (the report orders by the config)
     assert sorted(read_records(out), key=key) == sorted(records, key=key)
     assert [r["method"] for r in records] == sorted((r["method"] for r in records),
-                                                   key=["ours-1", "ti-2", "db-2"].index)
+                                                   key=["ours-1", "ti-2", "db-2", "dbu-2"].index)
     # a crash mid-pair leaves a partial pair: only that pair is redone
     (ti_file,) = [f for f in (out / "records" / "ti-2").glob("*.jsonl") if "1f600" in read_records(f)[0]["target"]]
     partial = [r for r in read_records(ti_file) if not r["prompt_index"]]
@@ -257,11 +278,21 @@ def test_shards_split_the_targets_between_processes(tiny_base_dir, emoji_root, e
             parse_shard(bad)
 
 
-@pytest.mark.parametrize("kind", ["textual_inversion", "dreambooth_lora"])
+@pytest.mark.parametrize("kind", ["textual_inversion", "dreambooth_lora", "dreambooth"])
 def test_continued_baseline_equals_a_straight_run(base, kind):
     """ti-100 -> ti-500 in the harness continues one run: the result must be the straight run's."""
     from datencoder.eval.baselines import OptimisationRun
 
+    if kind == "dreambooth":  # the concept is fixed; the tuned UNet is the result
+        make = lambda n: DreamBoothConfig(steps=n, batch_size=3, lr=1e-3, rare_word="ghost")  # noqa: E731
+        pixels = _pixels(base)
+        straight = dreambooth_unet(base, pixels, make(3))[1].unet.state_dict()
+        run = OptimisationRun()
+        first = {k: v.clone() for k, v in dreambooth_unet(base, pixels, make(1), run=run)[1].unet.state_dict().items()}
+        continued = dreambooth_unet(base, pixels, make(3), run=run)[1].unet.state_dict()
+        assert run.steps == 3 and all(torch.equal(continued[k], v) for k, v in straight.items())
+        assert any(not torch.equal(first[k], v) for k, v in straight.items())
+        return
     if kind == "textual_inversion":
         fn, make = textual_inversion, lambda n: TextualInversionConfig(steps=n, batch_size=2, lr=0.05)
     else:

@@ -98,7 +98,7 @@ def _config_classes() -> dict[str, type]:
         "minisd_unet_zsnr.yaml": UNetStageConfig,
         "minisd_tower.yaml": TowerStageConfig, "minisd_evaluator.yaml": EvaluatorStageConfig,
         "minisd_encoder_no_contrastive.yaml": Config, "minisd_encoder_no_hypernet.yaml": Config,
-        "minisd_encoder_full_hypernet.yaml": Config,
+        "minisd_encoder_full_hypernet.yaml": Config, "minisd_encoder_apart.yaml": Config,
         "minisd_e4t_animals.yaml": Config, "eval_minisd.yaml": EvalConfig, "eval_minisd_fixed.yaml": EvalConfig,
     }
 
@@ -111,6 +111,21 @@ def test_every_shipped_config_loads():
     for name in files:
         cfg = load_config(shipped_configs_dir() / name, cls=classes[name])
         assert isinstance(cfg, classes[name])
+
+
+def test_encoder_ablation_configs_differ_from_the_main_one_only_where_they_say():
+    from datencoder.config import to_dict
+
+    main = to_dict(load_config(shipped_configs_dir() / "minisd_encoder.yaml"))
+    expected = {"minisd_encoder_no_contrastive.yaml": {("loss", "contrastive_weight")},
+                "minisd_encoder_no_hypernet.yaml": {("encoder", "use_hypernetwork")},
+                "minisd_encoder_full_hypernet.yaml": {("encoder", "hypernet_mode")},
+                "minisd_encoder_apart.yaml": {("loss", "predicted_negatives")}}
+    for name, keys in expected.items():
+        other = to_dict(load_config(shipped_configs_dir() / name))
+        differ = {(section, key) for section, values in main.items() if isinstance(values, dict)
+                  for key in values if values[key] != other[section][key]}
+        assert differ - {("train", "output_dir")} == keys, name
 
 
 def test_cli_pretrain_writes_an_encoder(tiny_base_dir, image_dir, tmp_path):

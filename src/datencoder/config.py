@@ -167,6 +167,9 @@ class LossConfig:
     tau: float = 0.07
     num_negatives: int = 256
     top_k_positives: int = 1
+    predicted_negatives: bool = False
+    """Contrastive term: the batch's other predicted embeddings are negatives too, which keeps
+    different concepts apart (without it several concepts may share one nearest word for free)."""
     whole_words_only: bool = True
     norm_weight: float = 0.001
     l2_weight: float = 0.0

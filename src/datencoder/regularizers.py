@@ -8,6 +8,12 @@ nearest words of the other concepts in the batch and from K random words (InfoNC
 
 with P_i the top-k nearest words of v_i (k=1: just n_i; no gradient through the argmax) and C
 the union of every P_j in the batch and the K random words.
+
+With ``predicted_negatives`` the other rows' predicted embeddings v_j join the denominator too
+(exp(cos(v_i, v_j)/tau), gradient through both; rows equal to v_i, i.e. the same concept, are
+left out). Without it nothing keeps two concepts from sharing a nearest word: a word shared by
+several concepts is one candidate, so all of them snapping to one "hub" word costs nothing, and
+the shipped minisd encoder did exactly that (docs/encoder_health.md).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ __all__ = ["nn_contrastive_loss", "norm_loss", "l2_loss", "offset_l2"]
 
 
 def nn_contrastive_loss(v: Tensor, table: Tensor, tau: float = 0.07, num_negatives: int = 256,
-                        top_k: int = 1, generator: torch.Generator | None = None) -> Tensor:
+                        top_k: int = 1, generator: torch.Generator | None = None,
+                        predicted_negatives: bool = False) -> Tensor:
     """v: [N, D] predicted embeddings; table: [V, D] real-word embeddings -> scalar loss."""
     with torch.no_grad():
         positives, _ = nearest_tokens(v, table, top_k)  # [N, k]
@@ -33,8 +40,14 @@ def nn_contrastive_loss(v: Tensor, table: Tensor, tau: float = 0.07, num_negativ
         candidates = torch.unique(candidates)  # [C]: a word shared by two concepts counts once
         is_positive = (candidates.unsqueeze(0).unsqueeze(-1) == positives.unsqueeze(1)).any(-1)  # [N, C]
     cand = F.normalize(table[candidates].to(v.dtype), dim=-1)  # [C, D]
-    logits = F.normalize(v, dim=-1) @ cand.T / tau  # [N, C]
+    unit = F.normalize(v, dim=-1)
+    logits = unit @ cand.T / tau  # [N, C]
     pos = logits.masked_fill(~is_positive, float("-inf")).logsumexp(-1)
+    if predicted_negatives and v.shape[0] > 1:
+        with torch.no_grad():
+            same = (v.unsqueeze(1) == v.unsqueeze(0)).all(-1)  # [N, N]: itself, or a copy of the same concept
+        others = (unit @ unit.T / tau).masked_fill(same, float("-inf"))  # [N, N]
+        logits = torch.cat([logits, others], dim=-1)
     return (logits.logsumexp(-1) - pos).mean()
 
 

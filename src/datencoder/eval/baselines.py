@@ -12,6 +12,11 @@ of the scheduler's own target on augmented copies of the image), the same step l
   real token followed by a class word ("a photo of xu emoji"). The trained peft weights are read
   back into the concept's factor layout ``{"<attn module>.<target>": (A [r, in], B [out, r])}``
   with scale ``lora_alpha / r``, which is exactly peft's forward.
+- DreamBooth, whole UNet (Ruiz et al. 2023 without the prior-preservation term): every UNet weight
+  of a copy of the UNet is optimised, S* spelled as in DreamBooth-LoRA. Its result is not a
+  concept artifact (a whole UNet is not an offset of the attention layers): ``dreambooth_unet``
+  returns the concept (the rare word) and the base to generate with, whose UNet is the tuned copy.
+  It is the evaluation's upper bound of what the base can draw, not an export path.
 
 The E4T-style single-domain encoder and the ablations of our encoder are configurations of
 ``EncoderSystem`` + ``tuning.personalize`` (see ``configs/eval_minisd.yaml``), not code here.
@@ -38,8 +43,8 @@ from ..objective import Objective
 from ..prepare import prepare_base
 from ..tuning import StepCallback, optimise_on_image, peak_memory_mb
 
-__all__ = ["TextualInversionConfig", "DreamBoothLoRAConfig", "OptimisationRun", "textual_inversion",
-           "dreambooth_lora", "add_peft_lora", "peft_factors"]
+__all__ = ["TextualInversionConfig", "DreamBoothLoRAConfig", "DreamBoothConfig", "OptimisationRun",
+           "textual_inversion", "dreambooth_lora", "dreambooth_unet", "add_peft_lora", "peft_factors"]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +108,27 @@ class DreamBoothLoRAConfig:
         if bad or not self.attention_kinds:
             raise DatencoderError(f"dreambooth_lora.attention_kinds may hold 'self' and 'cross', "
                                   f"got {self.attention_kinds}")
+
+
+@dataclass
+class DreamBoothConfig:
+    """DreamBooth with the whole UNet trainable (no LoRA, no prior preservation, text encoder frozen)."""
+
+    steps: int = 400
+    lr: float = 2e-5
+    batch_size: int = 4
+    rare_word: str = "sks"
+    """A real, rarely used single token that S* stands for (``sks`` suits CLIP; MiniLM: ``xu``)."""
+    class_word: str = "emoji"
+    templates: list[str] = field(default_factory=lambda: list(DataConfig().templates))
+    hflip: bool = True
+    scale_min: float = 0.8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_optimisation(self, "dreambooth")
+        if not self.rare_word.strip():
+            raise DatencoderError("dreambooth.rare_word must not be empty")
 
 
 @dataclass
@@ -288,3 +314,50 @@ def dreambooth_lora(base: BaseModel, pixels: Tensor, dcfg: DreamBoothLoRAConfig 
     factors, scale = peft_factors(st["peft_unet"], st["keys"])
     info = {**(info or {}), "prompt_placeholder": spelled}
     return _concept(base, cfg, st["embedding"], factors, dcfg.rare_word, scale, "dreambooth_lora", dcfg, run, info)
+
+
+# -- DreamBooth, whole UNet --------------------------------------------------------------------------
+
+
+def dreambooth_unet(base: BaseModel, pixels: Tensor, dcfg: DreamBoothConfig | None = None,
+                    callback: StepCallback | None = None, info: dict | None = None,
+                    run: OptimisationRun | None = None) -> tuple[Concept, BaseModel]:
+    """pixels: [3, H, W] in [-1, 1] -> (concept: S* is a fixed rare token, no factors; the base to
+    generate with: ``base`` with a tuned copy of its UNet). ``base`` itself is not modified.
+
+    ``run``: continue that optimisation if it has the same settings and no more steps (see
+    ``OptimisationRun``); it is updated in place.
+    """
+    dcfg = dcfg or DreamBoothConfig()
+    token_id = _single_token(base, dcfg.rare_word)
+    if token_id is None:
+        raise DatencoderError(f"DreamBooth rare word {dcfg.rare_word!r} is not a single token of this "
+                              f"tokenizer; set rare_word to one (e.g. 'sks' for CLIP, 'xu' for MiniLM)")
+    run = run if run is not None else OptimisationRun()
+    settings = _settings(dcfg)
+    cfg = _objective_config(base, dcfg.templates, dcfg.hflip, dcfg.scale_min, dcfg.seed)
+    placeholder = cfg.model.placeholder
+    spelled = f"{placeholder} {dcfg.class_word}".strip()
+    templates = [t.replace(placeholder, spelled) for t in dcfg.templates]
+    start = time.perf_counter()
+    if not run.usable_for(settings, dcfg.steps):
+        run.reset(settings)
+        vocab_ids, vocab_table = text_vocabulary(base, cfg.loss.whole_words_only)
+        placeholder_id = prepare_base(base, cfg.model.token).token_id
+        start = time.perf_counter()
+        unet = copy.deepcopy(base.unet)  # the shared base UNet is never modified
+        params = [p for p in unet.parameters() if p.is_floating_point()]
+        for p in params:
+            p.requires_grad_(True)
+        tuned_base = dataclasses.replace(base, unet=unet)
+        objective = Objective(tuned_base, cfg, placeholder_id, vocab_ids, vocab_table)
+        embedding = word_embedding(base, dcfg.rare_word).unsqueeze(0)  # [1, sum(token_dims)]
+        run.state = {"tuned_base": tuned_base, "objective": objective, "embedding": embedding,
+                     "optimizer": torch.optim.Adam(params, lr=dcfg.lr),
+                     "generator": torch.Generator().manual_seed(dcfg.seed)}
+    st = run.state
+    _advance(run, dcfg.steps, start, st["tuned_base"], pixels, dcfg.batch_size,
+             dataclasses.replace(cfg.data, templates=templates), callback)
+    info = {**(info or {}), "prompt_placeholder": spelled}
+    concept = _concept(base, cfg, st["embedding"], {}, dcfg.rare_word, 1.0, "dreambooth", dcfg, run, info)
+    return concept, st["tuned_base"]

@@ -14,7 +14,7 @@ from ..errors import DatencoderError
 
 __all__ = ["MethodConfig", "TargetGroup", "TargetsConfig", "EvalConfig", "KINDS", "SCORERS", "SCHEDULERS"]
 
-KINDS = ("ours", "textual_inversion", "dreambooth_lora")
+KINDS = ("ours", "textual_inversion", "dreambooth_lora", "dreambooth")
 SCORERS = ("emoji", "clip", "dino")
 SCHEDULERS = ("ddim", "dpm", "euler")
 """The samplers of ``pipeline.SCHEDULERS`` (named here so a config loads without diffusers)."""
@@ -24,14 +24,15 @@ SCHEDULERS = ("ddim", "dpm", "euler")
 class MethodConfig:
     name: str = ""
     kind: str = "ours"
-    """ours | textual_inversion | dreambooth_lora."""
+    """ours | textual_inversion | dreambooth_lora | dreambooth (the whole UNet trainable)."""
     encoder: str | None = None
     """ours: folder of a pre-trained encoder (``<pretrain output_dir>/encoder``)."""
     steps: int = 12
     """Tuning / optimisation steps."""
     overrides: dict = field(default_factory=dict)
     """ours: {section: {key: value}} over the encoder's config (e.g. {dual_path: {enabled: false}});
-    baselines: {key: value} of TextualInversionConfig / DreamBoothLoRAConfig (e.g. {lr: 1e-3})."""
+    baselines: {key: value} of TextualInversionConfig / DreamBoothLoRAConfig / DreamBoothConfig
+    (e.g. {lr: 1e-3})."""
     categories: list[str] | None = None
     """Only targets of these categories (E4T inside its domain); None = all."""
     exclude_categories: list[str] = field(default_factory=list)

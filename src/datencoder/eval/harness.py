@@ -47,19 +47,24 @@ def reset_peak_memory(device: torch.device | str = "cpu") -> None:
 
 def personalize_with(method: MethodConfig, base, pixels: torch.Tensor, system_cache: dict, info: dict,
                      run=None):
-    """One method's concept for one image ([3, H, W] in [-1, 1]).
+    """One method's (concept, base to generate with) for one image ([3, H, W] in [-1, 1]).
 
+    The base to generate with is ``base`` itself except for whole-UNet DreamBooth (its tuned copy).
     ``run``: a baseline's ``OptimisationRun`` to continue (same settings, fewer steps), or None.
     """
-    from .baselines import DreamBoothLoRAConfig, TextualInversionConfig, dreambooth_lora, textual_inversion
+    from .baselines import (DreamBoothConfig, DreamBoothLoRAConfig, TextualInversionConfig, dreambooth_lora,
+                            dreambooth_unet, textual_inversion)
 
     if method.kind == "textual_inversion":
         return textual_inversion(base, pixels, from_dict(TextualInversionConfig, {**method.overrides,
                                                                                   "steps": method.steps}),
-                                 info=info, run=run)
+                                 info=info, run=run), base
     if method.kind == "dreambooth_lora":
         return dreambooth_lora(base, pixels, from_dict(DreamBoothLoRAConfig, {**method.overrides,
                                                                               "steps": method.steps}),
+                               info=info, run=run), base
+    if method.kind == "dreambooth":
+        return dreambooth_unet(base, pixels, from_dict(DreamBoothConfig, {**method.overrides, "steps": method.steps}),
                                info=info, run=run)
     from ..system import EncoderSystem
     from ..tuning import personalize
@@ -68,7 +73,7 @@ def personalize_with(method: MethodConfig, base, pixels: torch.Tensor, system_ca
         overrides = {s: dict(v) for s, v in method.overrides.items()}
         overrides.setdefault("tune", {})["steps"] = method.steps
         system_cache[method.name] = EncoderSystem.load(method.encoder, base, overrides)
-    return personalize(system_cache[method.name], pixels, info=info)
+    return personalize(system_cache[method.name], pixels, info=info), base
 
 
 PairCallback = Callable[[str, str, bool], None]
@@ -152,18 +157,18 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
             reset_peak_memory(device)
             start = time.perf_counter()
             run = None
-            if method.kind in ("textual_inversion", "dreambooth_lora"):
+            if method.kind != "ours":
                 from .baselines import OptimisationRun
 
                 key = (method.kind, json.dumps(method.overrides, sort_keys=True), target.image)
                 run = runs.setdefault(key, OptimisationRun())
-            concept = personalize_with(method, base, pixels, systems, {"image": target.image}, run)
+            concept, generation_base = personalize_with(method, base, pixels, systems, {"image": target.image}, run)
             # a continued baseline costs its whole run, not just the steps added here
             seconds = run.seconds if run is not None else time.perf_counter() - start
             peak = concept.info.get("peak_memory_mb")
             spelled = concept.info.get("prompt_placeholder", concept.placeholder)
             prompts = [p.replace("S*", spelled) for p in cfg.prompts]
-            pipe = ConceptPipeline(base, concept, cfg.scheduler)
+            pipe = ConceptPipeline(generation_base, concept, cfg.scheduler)
             records = []
             for seed in cfg.seeds:
                 images = pipe(prompts, num_images=1, num_inference_steps=cfg.sample_steps,
