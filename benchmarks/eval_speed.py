@@ -2,11 +2,13 @@
 
 The evaluation (``datencoder evaluate``) records seconds per pair, but on a small machine it runs
 several processes side by side, so those seconds include waiting for the CPU. This script times
-the same code paths alone: our encoder at 0 / 12 / 50 steps, Textual Inversion and
-DreamBooth-LoRA for a few steps (seconds per step, and the step counts of the comparison
-extrapolated from it, marked as such), with the process's peak memory.
+the same code paths alone: our encoder at 0 / 12 / 50 steps (and with its heads tuned),
+Textual Inversion, DreamBooth-LoRA and whole-UNet DreamBooth for a few steps (seconds per step,
+and the step counts of the comparison extrapolated from it, marked as such). Memory: the peak
+resident set during the personalisation itself (the high-water mark is reset just before it) and
+what it added over the resident set at its start (the loaded base model), in MB.
 
-    python benchmarks/eval_speed.py [--config eval_minisd] [--out docs/eval_speed.json]
+    python benchmarks/eval_speed.py [--config eval_minisd_fixed] [--threads 1] [--out docs/eval_speed.json]
 """
 
 from __future__ import annotations
@@ -34,11 +36,22 @@ from datencoder.eval.targets import select_targets  # noqa: E402
 from datencoder.image_io import image_to_tensor, load_image  # noqa: E402
 
 
+def _resident_mb() -> float | None:
+    """This process's resident set now (Linux), in MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="eval_minisd")
+    parser.add_argument("--config", default="eval_minisd_fixed")
     parser.add_argument("--out", default="docs/eval_speed.json")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, [], cls=EvalConfig)
@@ -47,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     pixels = image_to_tensor(load_image(target.image), base.resolution)
     by_name = {m.name: m for m in cfg.methods}
     # (method to time, steps to time it at); the baselines' longer runs are extrapolated per step
-    plan = [("ours-0", None), ("ours-12", None), ("ours-50", None), ("ti-100", 20), ("db-lora-50", 20)]
+    plan = [("ours-0", None), ("ours-12", None), ("ours-50", None), ("tune-heads-12", None), ("ti-100", 20),
+            ("db-lora-50", 20), ("db-unet-400", 20)]
+    plan = [(name, steps) for name, steps in plan if name in {m.name for m in cfg.methods}]
+    load_before = os.getloadavg()
     systems: dict = {}
     rows = []
     for name, steps in plan:
@@ -56,11 +72,13 @@ def main(argv: list[str] | None = None) -> int:
             method = dataclasses.replace(method, steps=steps)
         personalize_with(method, base, pixels, systems, {})  # warm-up (loads the encoder once)
         reset_peak_memory()
+        resident = _resident_mb()
         start = time.perf_counter()
         concept, _ = personalize_with(method, base, pixels, systems, {})
         seconds = time.perf_counter() - start
-        row = {"method": name, "timed_steps": method.steps, "seconds": round(seconds, 3),
-               "peak_mb": concept.info.get("peak_memory_mb")}
+        peak = concept.info.get("peak_memory_mb")
+        row = {"method": name, "timed_steps": method.steps, "seconds": round(seconds, 3), "peak_mb": peak,
+               "added_mb": None if peak is None or resident is None else round(peak - resident, 1)}
         if steps is not None:
             per_step = seconds / steps
             row["seconds_per_step"] = round(per_step, 4)
@@ -71,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "python benchmarks/eval_speed.py " + " ".join(argv or sys.argv[1:]),
               "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, "
                          f"{args.threads} threads", "date": datetime.date.today().isoformat(),
-              "load_average": os.getloadavg(), "target": target.image, "rows": rows}
+              "load_average_before": load_before, "load_average_after": os.getloadavg(),
+              "target": target.image, "rows": rows}
     write_json_atomic(Path(args.out), result)
     print(f"wrote {args.out}")
     return 0

@@ -11,8 +11,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine oversubscribed
-# threads make each step ~20x slower; subprocesses inherit the variable.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# threads make each step ~20x slower. Pinned, not defaulted: subprocesses inherit the variable,
+# and the parity tests (printed README code against the library, CLI against the API) compare
+# images made in two processes, whose float reductions must run on the same thread count (with
+# OMP_NUM_THREADS=2 exported, the subprocess ran 2 threads against this process's 1 and the
+# images differed by up to 120 grey levels).
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -333,8 +333,17 @@ def test_paired_deltas_are_per_target_differences():
     assert n == 2 and mean == pytest.approx(0.15) and sem == pytest.approx(0.05)
     assert deltas["m"]["editability"][:2] == pytest.approx((0.5, 0.5))
     text = results_markdown(records, paired_with="floor")
-    assert "## Paired with `floor`" in text and "| m | 2 | +0.150 ± 0.050 | +0.500 ± 0.500 |" in text
+    assert "## Paired with `floor`" in text and "| m | 2 | +0.150 ± 0.050 | +0.500 ± 0.500 | identity + |" in text
     assert paired_deltas(records, "absent") == {}
+    # two methods on a subset of the floor's targets get their own table, with every method that
+    # covers that subset, paired on it alone
+    records += [rec("floor", "c", 0.9, 1), rec("long1", "a", 0.4, 0), rec("long1", "b", 0.6, 0),
+                rec("long2", "a", 0.25, 1), rec("long2", "b", 0.7, 1)]
+    text = results_markdown(records, paired_with="floor")
+    subset = text.split("on the 2 targets of `long1`, `long2`")[1]
+    assert "| m | 2 | +0.150 ± 0.050 | +0.500 ± 0.500 | identity + |" in subset
+    assert "| long1 | 2 | +0.100 ± 0.100 | -0.500 ± 0.500 | none |" in subset
+    assert text.count("## Paired with") == 2
 
 
 def test_shipped_eval_config_lists_every_method():

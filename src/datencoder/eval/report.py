@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["aggregate", "paired_deltas", "results_markdown", "scatter_plot", "example_grids", "METRICS"]
+__all__ = ["aggregate", "paired_deltas", "subset_target_sets", "beyond_two_se", "results_markdown", "scatter_plot", "example_grids", "METRICS"]
 
 METRICS = ("identity", "top1", "top5", "style_ok", "background_ok", "position_ok", "size_ok", "editability",
            "clip_i", "dino", "clip_t", "seconds", "peak_mb")
@@ -53,15 +53,17 @@ def aggregate(records: list[dict], by_group: bool = False) -> dict:
 
 
 def paired_deltas(records: list[dict], reference: str,
-                  metrics: tuple[str, ...] = ("identity", "editability")) -> dict:
+                  metrics: tuple[str, ...] = ("identity", "editability"), targets: set[str] | None = None) -> dict:
     """{method: {metric: (mean, standard error, n)}} of (method - reference) over shared targets.
 
     Targets differ far more from each other than methods do, so a method is compared with the
     reference on the same targets: the per-target difference, then its mean and standard error.
+    ``targets``: only these targets.
     """
     per: dict = {}
     for r in records:
-        per.setdefault(r["method"], {}).setdefault(r["target"], []).append(r)
+        if targets is None or r["target"] in targets:
+            per.setdefault(r["method"], {}).setdefault(r["target"], []).append(r)
     if reference not in per:
         return {}
     ref = {t: _per_target(recs) for t, recs in per[reference].items()}
@@ -126,19 +128,57 @@ def results_markdown(records: list[dict], setup: dict | None = None, paired_with
         by_group = aggregate(records, by_group=True)
         by_group = dict(sorted(by_group.items(), key=lambda kv: (order[kv[0][0]], groups.index(kv[0][1]))))
         lines += _table(by_group, lambda k: f"{k[0]} ({k[1]})")
-    deltas = paired_deltas(records, paired_with, _PAIRED) if paired_with else {}
-    shown = _present(deltas, _PAIRED) if deltas else []
-    if shown:
-        lines += ["", f"## Paired with `{paired_with}`", "",
-                  f"Per target: the method's mean minus `{paired_with}`'s on the same target; then mean ± "
-                  "standard error over targets (positive: better than it).", "",
-                  "| method | targets | " + " | ".join(f"Δ {_TITLES[m]}" for m in shown) + " |",
-                  "|---|---|" + "---|" * len(shown)]
-        for method, stats in deltas.items():
-            n = max(st[2] for st in stats.values())
-            cells = ["—" if stats[m][0] is None else f"{stats[m][0]:+.3f} ± {stats[m][1]:.3f}" for m in shown]
-            lines.append(f"| {method} | {n} | " + " | ".join(cells) + " |")
+    if paired_with:
+        lines += _paired_table(records, paired_with, None, f"## Paired with `{paired_with}`")
+        for subset, methods in subset_target_sets(records, paired_with):
+            lines += _paired_table(records, paired_with, subset,
+                                   f"## Paired with `{paired_with}` on the {len(subset)} targets of "
+                                   + ", ".join(f"`{m}`" for m in methods))
     return "\n".join(lines) + "\n"
+
+
+def beyond_two_se(stats: dict, metrics) -> str:
+    """The metrics whose paired difference exceeds two standard errors, signed ("identity +")."""
+    out = [f"{_TITLES[m]} {'+' if stats[m][0] > 0 else '−'}" for m in metrics
+           if stats[m][0] is not None and stats[m][2] > 1 and abs(stats[m][0]) > 2 * stats[m][1]]
+    return ", ".join(out) or "none"
+
+
+def subset_target_sets(records: list[dict], reference: str) -> list[tuple[set[str], list[str]]]:
+    """Target sets smaller than the reference's that two or more methods share (a costly method
+    family run on a subset): [(targets, methods run on exactly them)], largest first."""
+    per: dict = {}
+    for r in records:
+        per.setdefault(r["method"], set()).add(r["target"])
+    everything = per.get(reference, set())
+    shared: dict = {}
+    for method, targets in per.items():
+        if method != reference and targets < everything:
+            shared.setdefault(frozenset(targets), []).append(method)
+    return sorted(((set(t), m) for t, m in shared.items() if len(m) > 1), key=lambda x: -len(x[0]))
+
+
+def _paired_table(records: list[dict], reference: str, subset: set[str] | None, title: str) -> list[str]:
+    deltas = paired_deltas(records, reference, _PAIRED, subset)
+    if subset is not None:  # only the methods that ran on every target of the subset
+        covered = {}
+        for r in records:
+            covered.setdefault(r["method"], set()).add(r["target"])
+        deltas = {m: st for m, st in deltas.items() if subset <= covered[m]}
+    shown = _present(deltas, _PAIRED) if deltas else []
+    if not shown:
+        return []
+    lines = ["", title, "",
+             f"Per target: the method's mean minus `{reference}`'s on the same target; then mean ± "
+             "standard error over targets (positive: better than it); the last column names the "
+             "differences larger than two standard errors.", "",
+             "| method | targets | " + " | ".join(f"Δ {_TITLES[m]}" for m in shown) + " | beyond 2 s.e. |",
+             "|---|---|" + "---|" * len(shown) + "---|"]
+    for method, stats in deltas.items():
+        n = max(st[2] for st in stats.values())
+        cells = ["—" if stats[m][0] is None else f"{stats[m][0]:+.3f} ± {stats[m][1]:.3f}" for m in shown]
+        lines.append(f"| {method} | {n} | " + " | ".join(cells) + f" | {beyond_two_se(stats, shown)} |")
+    return lines
 
 
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
