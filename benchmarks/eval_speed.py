@@ -6,7 +6,9 @@ the same code paths alone: our encoder at 0 / 12 / 50 steps (and with its heads 
 Textual Inversion, DreamBooth-LoRA and whole-UNet DreamBooth for a few steps (seconds per step,
 and the step counts of the comparison extrapolated from it, marked as such). Memory: the peak
 resident set during the personalisation itself (the high-water mark is reset just before it) and
-what it added over the resident set at its start (the loaded base model), in MB.
+the resident set at its start (the loaded base model, the encoder and what the allocator kept from
+the warm-up run), in MB; on the CPU the difference is not the personalisation's own need, since
+the warm-up's freed memory is reused.
 
     python benchmarks/eval_speed.py [--config eval_minisd_fixed] [--threads 1] [--out docs/eval_speed.json]
 """
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         peak = concept.info.get("peak_memory_mb")
         row = {"method": name, "timed_steps": method.steps, "seconds": round(seconds, 3), "peak_mb": peak,
-               "added_mb": None if peak is None or resident is None else round(peak - resident, 1)}
+               "resident_at_start_mb": None if resident is None else round(resident, 1)}
         if steps is not None:
             per_step = seconds / steps
             row["seconds_per_step"] = round(per_step, 4)
@@ -97,4 +99,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from datencoder.errors import DatencoderError
+
+    try:
+        sys.exit(main())
+    except DatencoderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
