@@ -400,3 +400,32 @@ def test_eval_config_schedulers_are_the_pipelines():
     from datencoder.pipeline import SCHEDULERS as PIPELINE_SCHEDULERS
 
     assert set(SCHEDULERS) == set(PIPELINE_SCHEDULERS)
+
+
+def test_results_claims_reads_paired_differences_and_the_idle_timings(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("results_claims", Path(__file__).resolve().parents[1]
+                                                  / "benchmarks" / "results_claims.py")
+    claims = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(claims)
+
+    def rec(method, target, identity, ok, group="g"):
+        return {"method": method, "target": target, "group": group, "identity": identity, "top1": 0, "top5": 0,
+                "style_ok": 0, "background_ok": ok, "position_ok": None, "size_ok": None, "seconds": 1.0,
+                "peak_mb": 1.0}
+
+    records = [rec("floor", t, 0.5, 1) for t in "abcd"]
+    records += [rec("ours", t, 0.6 + 0.01 * i, 1) for i, t in enumerate("abcd")]  # +0.1 .. +0.13: holds
+    records += [rec("ti", t, 0.7, 0) for t in "ab"]  # above ours on its two targets, less editable
+    speed = {"machine": "m", "date": "d", "rows": [{"method": "ours", "seconds": 2.0},
+                                                     {"method": "ti-100", "extrapolated_seconds": {"ti": 100.0}}]}
+    lines = claims.claims(records, "ours", "floor", "ti", speed)
+    text = "\n".join(lines)
+    assert "**identity over the floor** Δ +0.115 ± 0.006 (n = 4): holds" in text
+    assert "**editability within 0.05 of the floor** Δ +0.000 ± 0.000 (n = 4): holds" in text
+    assert "identity at least `ti`'s** (ours − ti, paired) Δ -0.095 ± 0.005 (n = 2): does not hold, beyond 2 s.e." in text
+    assert "2.00 s against 100.0 s (1/50" in text and text.endswith("holds")
+    (tmp_path / "records.jsonl").write_text("")
+    assert claims.main(["--records", str(tmp_path / "records.jsonl")]) == 2
+    assert "no evaluation records" in capsys.readouterr().err
