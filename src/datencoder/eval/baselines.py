@@ -268,6 +268,20 @@ def peft_factors(unet, keys: list[str], adapter_name: str = "dreambooth") -> tup
     return factors, scales.pop()
 
 
+def _dreambooth_prompts(base: BaseModel, dcfg) -> tuple[Config, str, list[str]]:
+    """Both DreamBooth variants: (objective config, S* as spelled in prompts, training templates).
+
+    S* is the fixed rare word followed by the class word ("xu emoji"); the rare word must be one token.
+    """
+    if _single_token(base, dcfg.rare_word) is None:
+        raise DatencoderError(f"DreamBooth rare word {dcfg.rare_word!r} is not a single token of this "
+                              f"tokenizer; set rare_word to one (e.g. 'sks' for CLIP, 'xu' for MiniLM)")
+    cfg = _objective_config(base, dcfg.templates, dcfg.hflip, dcfg.scale_min, dcfg.seed)
+    placeholder = cfg.model.placeholder
+    spelled = f"{placeholder} {dcfg.class_word}".strip()
+    return cfg, spelled, [t.replace(placeholder, spelled) for t in dcfg.templates]
+
+
 def dreambooth_lora(base: BaseModel, pixels: Tensor, dcfg: DreamBoothLoRAConfig | None = None,
                     callback: StepCallback | None = None, info: dict | None = None,
                     run: OptimisationRun | None = None) -> Concept:
@@ -277,16 +291,9 @@ def dreambooth_lora(base: BaseModel, pixels: Tensor, dcfg: DreamBoothLoRAConfig 
     ``OptimisationRun``); it is updated in place.
     """
     dcfg = dcfg or DreamBoothLoRAConfig()
-    token_id = _single_token(base, dcfg.rare_word)
-    if token_id is None:
-        raise DatencoderError(f"DreamBooth rare word {dcfg.rare_word!r} is not a single token of this "
-                              f"tokenizer; set rare_word to one (e.g. 'sks' for CLIP, 'xu' for MiniLM)")
     run = run if run is not None else OptimisationRun()
     settings = _settings(dcfg)
-    cfg = _objective_config(base, dcfg.templates, dcfg.hflip, dcfg.scale_min, dcfg.seed)
-    placeholder = cfg.model.placeholder
-    spelled = f"{placeholder} {dcfg.class_word}".strip()
-    templates = [t.replace(placeholder, spelled) for t in dcfg.templates]
+    cfg, spelled, templates = _dreambooth_prompts(base, dcfg)
     start = time.perf_counter()
     if not run.usable_for(settings, dcfg.steps):
         run.reset(settings)
@@ -329,16 +336,9 @@ def dreambooth_unet(base: BaseModel, pixels: Tensor, dcfg: DreamBoothConfig | No
     ``OptimisationRun``); it is updated in place.
     """
     dcfg = dcfg or DreamBoothConfig()
-    token_id = _single_token(base, dcfg.rare_word)
-    if token_id is None:
-        raise DatencoderError(f"DreamBooth rare word {dcfg.rare_word!r} is not a single token of this "
-                              f"tokenizer; set rare_word to one (e.g. 'sks' for CLIP, 'xu' for MiniLM)")
     run = run if run is not None else OptimisationRun()
     settings = _settings(dcfg)
-    cfg = _objective_config(base, dcfg.templates, dcfg.hflip, dcfg.scale_min, dcfg.seed)
-    placeholder = cfg.model.placeholder
-    spelled = f"{placeholder} {dcfg.class_word}".strip()
-    templates = [t.replace(placeholder, spelled) for t in dcfg.templates]
+    cfg, spelled, templates = _dreambooth_prompts(base, dcfg)
     start = time.perf_counter()
     if not run.usable_for(settings, dcfg.steps):
         run.reset(settings)
