@@ -15,6 +15,7 @@ from datencoder.config import Config, from_dict
 from datencoder.lora import delta_weight, lora_linear
 from datencoder.objective import diffusion_target
 from datencoder.regularizers import nn_contrastive_loss
+from datencoder.tokens import nearest_tokens
 from datencoder.system import EncoderSystem
 from datencoder.tuning import personalize
 
@@ -173,6 +174,35 @@ def test_predicted_negatives_keep_concepts_sharing_a_word_apart():
     apart = nn_contrastive_loss(one, table, num_negatives=7, generator=torch.Generator().manual_seed(1),
                                 predicted_negatives=True)
     torch.testing.assert_close(apart, plain)
+
+
+def test_distinct_positives_pull_concepts_sharing_a_word_toward_different_words():
+    from datencoder.regularizers import distinct_nearest
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.nn.functional.normalize(torch.randn(50, 16, generator=g), dim=-1)
+    v = table[5] + 0.2 * torch.randn(3, 16, generator=g)  # three concepts whose nearest word is 5
+    plain, _ = nearest_tokens(v, table, 1)
+    assert plain[:, 0].tolist() == [5, 5, 5]
+    for k in (1, 2):
+        got = distinct_nearest(v, table, k)
+        assert got.shape == (3, k) and len(set(got.flatten().tolist())) == 3 * k  # no word shared
+        closest = int(torch.nn.functional.cosine_similarity(v, table[5].expand_as(v)).argmax())
+        assert got[closest, 0] == 5  # the row nearest to the contested word keeps it
+    # copies of one concept (a tuning batch) share their word; no conflict -> the plain nearest words
+    copies = torch.cat([v[:1], v[:1], table[[9]] + 0.01])
+    assert distinct_nearest(copies, table, 1)[:, 0].tolist() == [5, 5, 9]
+    apart = table[[3, 7, 11]] + 0.05
+    torch.testing.assert_close(nn_contrastive_loss(apart, table, num_negatives=0, distinct_positives=True),
+                               nn_contrastive_loss(apart, table, num_negatives=0))
+    # the shared word gives no gradient in the plain term; distinct positives pull the rows apart
+    v.requires_grad_()
+    nn_contrastive_loss(v, table, num_negatives=0, distinct_positives=True).backward()
+    with torch.no_grad():
+        moved = v - 0.05 * v.grad
+    cos = torch.nn.functional.cosine_similarity
+    pairwise = lambda x: (cos(x[0], x[1], dim=0) + cos(x[0], x[2], dim=0) + cos(x[1], x[2], dim=0)) / 3  # noqa: E731
+    assert pairwise(moved) < pairwise(v.detach()) - 1e-3
 
 
 def test_diffusion_target_follows_prediction_type(system):

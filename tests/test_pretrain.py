@@ -99,6 +99,7 @@ def _config_classes() -> dict[str, type]:
         "minisd_tower.yaml": TowerStageConfig, "minisd_evaluator.yaml": EvaluatorStageConfig,
         "minisd_encoder_no_contrastive.yaml": Config, "minisd_encoder_no_hypernet.yaml": Config,
         "minisd_encoder_full_hypernet.yaml": Config, "minisd_encoder_apart.yaml": Config,
+        "minisd_encoder_distinct.yaml": Config,
         "minisd_e4t_animals.yaml": Config, "eval_minisd.yaml": EvalConfig, "eval_minisd_fixed.yaml": EvalConfig,
     }
 
@@ -120,7 +121,8 @@ def test_encoder_ablation_configs_differ_from_the_main_one_only_where_they_say()
     expected = {"minisd_encoder_no_contrastive.yaml": {("loss", "contrastive_weight")},
                 "minisd_encoder_no_hypernet.yaml": {("encoder", "use_hypernetwork")},
                 "minisd_encoder_full_hypernet.yaml": {("encoder", "hypernet_mode")},
-                "minisd_encoder_apart.yaml": {("loss", "predicted_negatives")}}
+                "minisd_encoder_apart.yaml": {("loss", "predicted_negatives")},
+                "minisd_encoder_distinct.yaml": {("loss", "predicted_negatives"), ("loss", "distinct_positives")}}
     for name, keys in expected.items():
         other = to_dict(load_config(shipped_configs_dir() / name))
         differ = {(section, key) for section, values in main.items() if isinstance(values, dict)

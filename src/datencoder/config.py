@@ -170,6 +170,9 @@ class LossConfig:
     predicted_negatives: bool = False
     """Contrastive term: the batch's other predicted embeddings are negatives too, which keeps
     different concepts apart (without it several concepts may share one nearest word for free)."""
+    distinct_positives: bool = False
+    """Contrastive term: different concepts in a batch are pulled toward different words (each the
+    nearest word no other concept in the batch has taken), not all onto one shared word."""
     whole_words_only: bool = True
     norm_weight: float = 0.001
     l2_weight: float = 0.0

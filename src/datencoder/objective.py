@@ -147,7 +147,7 @@ class Objective:
             terms["contrastive"] = loss_cfg.contrastive_weight * nn_contrastive_loss(
                 joint_unit(embedding.float(), self.dims), joint_unit(self.vocab_table.to(embedding.device), self.dims),
                 loss_cfg.tau, loss_cfg.num_negatives, loss_cfg.top_k_positives, generator,
-                loss_cfg.predicted_negatives)
+                loss_cfg.predicted_negatives, loss_cfg.distinct_positives)
         if loss_cfg.norm_weight > 0:
             parts = embedding.float().split(list(self.dims), dim=-1)
             terms["norm"] = loss_cfg.norm_weight * sum(

@@ -14,6 +14,11 @@ With ``predicted_negatives`` the other rows' predicted embeddings v_j join the d
 left out). Without it nothing keeps two concepts from sharing a nearest word: a word shared by
 several concepts is one candidate, so all of them snapping to one "hub" word costs nothing, and
 the shipped minisd encoder did exactly that (docs/encoder_health.md).
+
+With ``distinct_positives`` different concepts in a batch never share a positive word: rows take
+their words greedily, the row closest to its word first, each the nearest word no other concept
+has taken (copies of one concept share theirs). A batch of concepts that all start near one word
+is then pulled toward as many different words, instead of onto the one word together.
 """
 
 from __future__ import annotations
@@ -24,15 +29,42 @@ from torch import Tensor
 
 from .tokens import nearest_tokens
 
-__all__ = ["nn_contrastive_loss", "norm_loss", "l2_loss", "offset_l2"]
+__all__ = ["distinct_nearest", "nn_contrastive_loss", "norm_loss", "l2_loss", "offset_l2"]
+
+
+@torch.no_grad()
+def distinct_nearest(v: Tensor, table: Tensor, k: int = 1) -> Tensor:
+    """[N, k] indices of words near each row of v, no word shared by two different rows.
+
+    Greedy: rows in order of their best cosine, each takes its k nearest words not yet taken;
+    rows equal to each other (copies of one concept) get the same words.
+    """
+    n = v.shape[0]
+    reach = min(table.shape[0], k * n)  # enough candidates for every row to find k free words
+    ranked, cos = nearest_tokens(v, table, reach)  # [N, reach]
+    result = torch.empty(n, k, dtype=torch.long, device=ranked.device)
+    taken: set[int] = set()
+    done: dict[bytes, Tensor] = {}
+    for i in cos[:, 0].argsort(descending=True).tolist():
+        key = v[i].detach().float().cpu().numpy().tobytes()
+        if key in done:
+            result[i] = done[key]
+            continue
+        free = [j for j in ranked[i].tolist() if j not in taken][:k]
+        taken.update(free)
+        result[i] = done[key] = torch.tensor(free, dtype=torch.long)
+    return result
 
 
 def nn_contrastive_loss(v: Tensor, table: Tensor, tau: float = 0.07, num_negatives: int = 256,
                         top_k: int = 1, generator: torch.Generator | None = None,
-                        predicted_negatives: bool = False) -> Tensor:
+                        predicted_negatives: bool = False, distinct_positives: bool = False) -> Tensor:
     """v: [N, D] predicted embeddings; table: [V, D] real-word embeddings -> scalar loss."""
     with torch.no_grad():
-        positives, _ = nearest_tokens(v, table, top_k)  # [N, k]
+        if distinct_positives:
+            positives = distinct_nearest(v, table, top_k)  # [N, k]
+        else:
+            positives, _ = nearest_tokens(v, table, top_k)  # [N, k]
         candidates = positives.flatten()
         if num_negatives > 0:
             extra = torch.randint(0, table.shape[0], (num_negatives,), generator=generator)
