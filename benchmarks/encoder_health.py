@@ -3,9 +3,11 @@
 For each encoder: predict the embedding of S* for every held-out image (exactly the prediction
 ``datencoder personalize`` starts from: one image, tune.seed's generator) and report the number of
 distinct nearest words, the share of the most common one (target: no word for more than 10 % of the
-inputs), the mean pairwise cosine of the embeddings, and how often one of the 5 nearest words names
-the concept or its category (the paper's "more semantic tokens"). Writes a markdown table and the
-per-image words as JSON.
+inputs), the mean pairwise cosine of the embeddings, their mean cosine to their nearest word, how
+often one of the 5 nearest words names the concept or its category (the paper's "more semantic
+tokens"), and how much of a hub the most common word is in the vocabulary (the share of words whose
+mean cosine to their 10 nearest words is higher: a small share means a hub). Writes a markdown table
+and the per-image words as JSON.
 
     python benchmarks/encoder_health.py [--encoder DIR ...] [--manifest /work/data/emoji/manifest.jsonl]
         [--split heldout_concept] [--images source|file] [--out docs/encoder_health.md]
@@ -14,6 +16,7 @@ per-image words as JSON.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import hashlib
 import json
 import os
@@ -28,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from datencoder.io import write_json_atomic, write_text_atomic  # noqa: E402
-from datencoder.health import embedding_health  # noqa: E402
+from datencoder.health import embedding_health, hubness  # noqa: E402
 from datencoder.image_io import image_to_tensor, load_image  # noqa: E402
 from datencoder.system import DEFAULT_ENCODER_DIR, EncoderSystem  # noqa: E402
 from datencoder.tokens import nearest_tokens, token_word  # noqa: E402
@@ -59,6 +62,9 @@ def held_out_rows(manifest: Path, split: str, key: str, seed: int = 0) -> list[d
     return chosen
 
 
+_HUBNESS: dict[tuple, torch.Tensor] = {}
+
+
 @torch.no_grad()
 def measure(encoder_dir: Path, rows: list[dict], root: Path, key: str) -> tuple[dict, list[dict]]:
     system = EncoderSystem.load(encoder_dir)
@@ -75,7 +81,14 @@ def measure(encoder_dir: Path, rows: list[dict], root: Path, key: str) -> tuple[
 
     words = [concept_words(r) for r in rows]
     health = embedding_health(embeddings, system.vocab_table, word_of, words, k=5)
-    index, _ = nearest_tokens(embeddings, system.vocab_table, 5)
+    table = system.vocab_table
+    key_ = (tuple(table.shape), float(table.sum()))
+    if key_ not in _HUBNESS:  # the same base for every encoder: computed once
+        _HUBNESS[key_] = hubness(table)
+    scores = _HUBNESS[key_]
+    index, _ = nearest_tokens(embeddings, table, 5)
+    top = Counter(index[:, 0].tolist()).most_common(1)[0][0]  # as embedding_health's top word
+    health["top_word_hub_share"] = round(float((scores > scores[top]).float().mean()), 4)
     per_image = [{"image": r[key], "concept": r["name"], "category": r["category"],
                   "nearest": [word_of(j) for j in idx]} for r, idx in zip(rows, index.tolist())]
     meta = json.loads((encoder_dir / "encoder.json").read_text())
@@ -90,12 +103,14 @@ def markdown(results: list[dict], command: str, setup: str) -> str:
              "starts from) on images of concepts no training path saw. Target (issue 11): no single nearest word "
              "for more than 10 % of the inputs.", "", f"Command: `{command}`", "", setup, "",
              "| encoder | steps | contrastive | inputs | distinct nearest words | top word (share) | "
-             "mean pairwise cosine | a top-5 word names the concept or category | target met |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "top word's hub rank | mean pairwise cosine | cosine to nearest word | "
+             "a top-5 word names the concept or category | target met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| `{r['encoder']}` | {r['steps']} | {r['contrastive_weight']} | {r['inputs']} | "
                      f"{r['distinct_nearest']} | {r['top_word']} ({100 * r['top_word_share']:.1f} %) | "
-                     f"{r['mean_pairwise_cosine']:.3f} | {100 * r['semantic_top5']:.1f} % | "
+                     f"top {100 * r['top_word_hub_share']:.0f} % | "
+                     f"{r['mean_pairwise_cosine']:.3f} | {r['nearest_cosine']:.3f} | {100 * r['semantic_top5']:.1f} % | "
                      f"{'yes' if r['top_word_share'] <= 0.10 else 'no'} |")
     lines += ["", "Most common nearest words (count):", ""]
     for r in results:
@@ -104,7 +119,8 @@ def markdown(results: list[dict], command: str, setup: str) -> str:
               "with simple plural forms, without `and`, `with`, `face`, ...; per-image nearest words are in "
               "the JSON file next to this one. Pre-training logs the same collapse signal while it runs: "
               "`health_distinct_nearest` and `health_top_word_share` of the predictions of each log window, "
-              "in `log.jsonl`."]
+              "in `log.jsonl`. Hub rank: the share of the vocabulary's words that are more of a hub than the top "
+              "word (mean cosine to their 10 nearest words; top 1 % would be a hub, top 50 % an ordinary word)."]
     return "\n".join(lines) + "\n"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from datencoder.health import embedding_health, nearest_word_stats
+from datencoder.health import embedding_health, hubness, nearest_word_stats
 
 WORDS = ["dog", "cat", "apple", "car", "face", "smile"]
 
@@ -18,6 +18,7 @@ def test_a_collapsed_encoder_has_one_word_and_cosine_one():
     health = embedding_health(emb, _table(), WORDS.__getitem__)
     assert health["distinct_nearest"] == 1 and health["top_word"] == "car" and health["top_word_share"] == 1.0
     assert abs(health["mean_pairwise_cosine"] - 1) < 1e-5 and health["most_common"] == [["car", 5]]
+    assert health["nearest_cosine"] > 0.99  # on the word itself
 
 
 def test_diverse_semantic_embeddings_score_as_such():
@@ -34,3 +35,18 @@ def test_diverse_semantic_embeddings_score_as_such():
 def test_nearest_word_stats_of_a_window():
     assert nearest_word_stats([3, 3, 3, 1]) == {"distinct_nearest": 2, "top_word_share": 0.75}
     assert nearest_word_stats([]) == {"distinct_nearest": 0, "top_word_share": 0.0}
+
+
+def test_hubness_ranks_the_word_near_many_others_first():
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(300, 16, generator=g)
+    centre = torch.randn(16, generator=g)
+    table[:30] = centre + 0.3 * torch.randn(30, 16, generator=g)  # a cluster of 30 words ...
+    table[7] = centre  # ... and one word at its centre: nearer to all of them than they are to each other
+    scores = hubness(table, k=5, chunk=64)  # chunks that divide nothing
+    assert scores.shape == (300,) and int(scores.argmax()) == 7
+    torch.testing.assert_close(scores, hubness(table, k=5, chunk=1000))
+    direct = torch.nn.functional.normalize(table, dim=-1)
+    cos = direct @ direct.T
+    cos.fill_diagonal_(-2)
+    torch.testing.assert_close(scores, cos.topk(5, dim=-1).values.mean(-1))

@@ -7,7 +7,8 @@ the learned tokens "more semantic" (METHOD.md):
 
 - distinct nearest words, and the share of the most common one (a healthy encoder: no single word
   for more than a small share of the inputs);
-- the mean pairwise cosine of the embeddings (near 1: all alike);
+- the mean pairwise cosine of the embeddings (near 1: all alike), and their mean cosine to their
+  nearest word (near 1: the embeddings sit on real words; low: off the vocabulary's manifold);
 - with the words that name each input's concept or category: how often one of the k nearest
   words is one of them.
 """
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from .tokens import nearest_tokens
 
-__all__ = ["embedding_health", "nearest_word_stats"]
+__all__ = ["embedding_health", "hubness", "nearest_word_stats"]
 
 
 def nearest_word_stats(nearest: Sequence[int]) -> dict[str, float]:
@@ -51,20 +52,38 @@ def embedding_health(embeddings: Tensor, table: Tensor, word_of: Callable[[int],
 
     ``word_of(j)`` is the word of table row j; ``concept_words[i]`` the (lowercase) words naming
     input i's concept or category. Returns distinct_nearest, top_word, top_word_share,
-    mean_pairwise_cosine, most_common ([[word, count], ...]) and, with ``concept_words``,
+    mean_pairwise_cosine, nearest_cosine (mean cosine to the nearest word), most_common ([[word, count], ...]) and, with ``concept_words``,
     semantic_top{k}: the share of inputs with one of those words among their k nearest words.
     """
     if concept_words is not None and len(concept_words) != embeddings.shape[0]:
         raise ValueError(f"{len(concept_words)} word sets for {embeddings.shape[0]} embeddings")
-    index, _ = nearest_tokens(embeddings, table.to(embeddings.device), min(k, table.shape[0]))  # [N, k]
+    index, cos = nearest_tokens(embeddings, table.to(embeddings.device), min(k, table.shape[0]))  # [N, k]
     first = index[:, 0].tolist()
     counts = Counter(first)
     words = {j: word_of(j) for j in set(index.flatten().tolist())}
     result = {"inputs": len(first), **nearest_word_stats(first),
               "top_word": words[counts.most_common(1)[0][0]],
               "mean_pairwise_cosine": round(_mean_pairwise_cosine(embeddings), 5),
+              "nearest_cosine": round(float(cos[:, 0].mean()), 5),
               "most_common": [[words[j], c] for j, c in counts.most_common(most_common)]}
     if concept_words is not None:
         hits = [any(words[j].lower() in concept_words[i] for j in row) for i, row in enumerate(index.tolist())]
         result[f"semantic_top{k}"] = sum(hits) / len(hits)
     return result
+
+
+@torch.no_grad()
+def hubness(table: Tensor, k: int = 10, chunk: int = 2048) -> Tensor:
+    """[V] hub score of each word: its mean cosine to its k nearest other words.
+
+    Hub words (high scores) lie near many others, so they are the nearest word of many directions;
+    ranking a collapsed encoder's word by this score tells a hub from a word the encoder chose.
+    """
+    unit = F.normalize(table.float(), dim=-1)
+    scores = []
+    for start in range(0, unit.shape[0], chunk):
+        cos = unit[start:start + chunk] @ unit.T  # [c, V]
+        rows = torch.arange(cos.shape[0])
+        cos[rows, rows + start] = -2.0  # not itself
+        scores.append(cos.topk(min(k, unit.shape[0] - 1), dim=-1).values.mean(-1))
+    return torch.cat(scores)
