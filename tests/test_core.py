@@ -227,6 +227,28 @@ def test_training_terms_are_finite_named_and_reach_the_encoder(system):
     assert system.encoder.hypernetwork.core.weight.grad.abs().sum() > 0
 
 
+def test_tune_templates_replace_the_pretraining_ones_and_fields_need_them(system):
+    from datencoder.errors import DatencoderError
+
+    pixels = torch.rand(3, system.base.resolution, system.base.resolution) * 2 - 1
+    cfg = system.cfg
+    saved = (cfg.data.templates, cfg.tune.templates, cfg.tune.steps)
+    try:
+        cfg.tune.steps = 2
+        cfg.data.templates = ["S*", "a picture of S*"]
+        plain = personalize(system, pixels)
+        cfg.data.templates = ["S*, on {a_background} background"]  # pre-training prompts with manifest fields
+        with pytest.raises(DatencoderError, match="tune.templates"):
+            personalize(system, pixels)
+        cfg.tune.templates = ["S*", "a picture of S*"]
+        tuned = personalize(system, pixels)
+        torch.testing.assert_close(tuned.embedding, plain.embedding)  # the same prompts, the same result
+        for name, (A, B) in tuned.factors.items():
+            torch.testing.assert_close(B, plain.factors[name][1])
+    finally:
+        cfg.data.templates, cfg.tune.templates, cfg.tune.steps = saved
+
+
 def test_tuning_with_zero_steps_returns_the_encoder_prediction(system):
     pixels = torch.rand(3, system.base.resolution, system.base.resolution) * 2 - 1
     system.cfg.tune.steps = 0

@@ -99,7 +99,7 @@ def _config_classes() -> dict[str, type]:
         "minisd_tower.yaml": TowerStageConfig, "minisd_evaluator.yaml": EvaluatorStageConfig,
         "minisd_encoder_no_contrastive.yaml": Config, "minisd_encoder_no_hypernet.yaml": Config,
         "minisd_encoder_full_hypernet.yaml": Config, "minisd_encoder_apart.yaml": Config,
-        "minisd_encoder_distinct.yaml": Config,
+        "minisd_encoder_distinct.yaml": Config, "minisd_encoder_captioned.yaml": Config,
         "minisd_e4t_animals.yaml": Config, "eval_minisd.yaml": EvalConfig, "eval_minisd_fixed.yaml": EvalConfig,
     }
 
@@ -122,7 +122,8 @@ def test_encoder_ablation_configs_differ_from_the_main_one_only_where_they_say()
                 "minisd_encoder_no_hypernet.yaml": {("encoder", "use_hypernetwork")},
                 "minisd_encoder_full_hypernet.yaml": {("encoder", "hypernet_mode")},
                 "minisd_encoder_apart.yaml": {("loss", "predicted_negatives")},
-                "minisd_encoder_distinct.yaml": {("loss", "predicted_negatives"), ("loss", "distinct_positives")}}
+                "minisd_encoder_distinct.yaml": {("loss", "predicted_negatives"), ("loss", "distinct_positives")},
+                "minisd_encoder_captioned.yaml": {("data", "templates"), ("data", "hflip"), ("tune", "templates")}}
     for name, keys in expected.items():
         other = to_dict(load_config(shipped_configs_dir() / name))
         differ = {(section, key) for section, values in main.items() if isinstance(values, dict)
@@ -178,6 +179,38 @@ def test_dataset_scan_items_and_bad_files(image_dir, tmp_path, caplog):
         substitute = ds.clean(0)  # the unreadable file is replaced by the next readable one
     assert torch.equal(substitute, ds.clean(1))
     assert "a_bad.png" in caplog.text
+
+
+def test_templates_name_manifest_fields(tmp_path):
+    from datencoder.dataset import fill_template
+
+    assert fill_template("S*, {size}, on {a_background} background", {"size": "small", "background": "orange"}) \
+        == "S*, small, on an orange background"
+    with pytest.raises(DatencoderError, match="names {colour}"):
+        fill_template("S* in {colour}", {"background": "red"})
+    (tmp_path / "images").mkdir()
+    rows = []
+    for i, (background, position) in enumerate([("red", "left"), ("blue", "top right"), ("white", "center")]):
+        Image.new("RGB", (40, 40), (i * 60, 0, 0)).save(tmp_path / "images" / f"{i}.png")
+        rows.append({"file": f"images/{i}.png", "source": "sources/0.png", "split": "train",
+                     "background": background, "position": position})
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    templates = ["S*, {position}, on {a_background} background", "S* on {background}"]
+    ds = ImageFolderDataset("", 32, templates, manifest=manifest, splits=["train"], hflip=False)
+    for i in range(3):  # every item's prompt describes its own image, whichever template is drawn
+        for seed in range(4):
+            _, prompt = ds.item(i, torch.Generator().manual_seed(seed))
+            assert prompt in (f"S*, {rows[i]['position']}, on a {rows[i]['background']} background",
+                              f"S* on {rows[i]['background']}")
+    with pytest.raises(DatencoderError, match="hflip"):
+        ImageFolderDataset("", 32, templates, manifest=manifest, splits=["train"])
+    with pytest.raises(DatencoderError, match="use_source=false"):
+        ImageFolderDataset("", 32, ["S* on {background}"], manifest=manifest, splits=["train"], use_source=True)
+    with pytest.raises(DatencoderError, match="need"):
+        ImageFolderDataset(tmp_path / "images", 32, ["S* on {background}"])
+    with pytest.raises(DatencoderError, match=r"\['size'\]"):
+        ImageFolderDataset("", 32, ["S*, {size}"], manifest=manifest, splits=["train"])
 
 
 def test_dataset_manifest_splits_and_sources(tmp_path):

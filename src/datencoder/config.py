@@ -287,8 +287,13 @@ class TuneConfig:
     seed: int = 0
     gradient_checkpointing: bool = False
     """Recompute the UNet's activations in the backward pass (less memory at larger batches)."""
+    templates: list[str] | None = None
+    """Prompt templates of the tuning steps; None: data.templates (which must then name no manifest
+    fields: a user's one image has no manifest row)."""
 
     def __post_init__(self) -> None:
+        if self.templates is not None and not self.templates:
+            raise DatencoderError("tune.templates is empty; give prompt templates with S* or leave it unset")
         check_range(self, "tune", ">= 0", "steps")
         check_range(self, "tune", ">= 1", "batch_size")
         check_range(self, "tune", "> 0", "lr_embedding", "lr_lora", "lr_heads")

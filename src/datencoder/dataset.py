@@ -1,7 +1,10 @@
 """Pre-training images: a folder of images (any domain, no labels) or the rows of a JSONL manifest.
 
 The encoder is pre-trained on a broad image set with no domain labels and no masks (METHOD.md).
-Each item is one augmented view of one image plus a prompt template holding S*. All randomness
+Each item is one augmented view of one image plus a prompt template holding S*. With a manifest,
+templates may name the row's fields in braces (``"S*, {position}, on {a_background} background"``;
+``{a_X}`` is X with its article): what the caption already says about the image (its background,
+layout) the base draws from the prompt, so S* need not carry it. All randomness
 of an item comes from the generator the caller passes, so a training loop that seeds it from the
 item's position in its data stream reproduces every item exactly after a resume.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -19,7 +23,8 @@ from .augment import augment_views
 from .errors import DatencoderError
 from .image_io import image_to_tensor, load_image
 
-__all__ = ["ImageFolderDataset", "scan_images", "read_manifest_files"]
+__all__ = ["ImageFolderDataset", "scan_images", "read_manifest_files", "read_manifest_rows", "template_fields",
+           "fill_template"]
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +41,46 @@ def scan_images(root: str | Path, extensions=DEFAULT_EXTENSIONS) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
+_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def template_fields(templates) -> set[str]:
+    """The manifest fields that prompt templates name in braces: {"position", "a_background"}."""
+    return {name for t in templates for name in _FIELD.findall(t)}
+
+
+def _field(row: dict, name: str) -> str | None:
+    if name in row:
+        return str(row[name])
+    if name.startswith("a_") and name[2:] in row:
+        value = str(row[name[2:]])
+        return f"{'an' if value[:1].lower() in 'aeiou' else 'a'} {value}"
+    return None
+
+
+def fill_template(template: str, row: dict) -> str:
+    """The template with each {field} replaced by the row's value ({a_X}: X with its article)."""
+    def value(match: re.Match) -> str:
+        got = _field(row, match.group(1))
+        if got is None:
+            raise DatencoderError(f"prompt template {template!r} names {{{match.group(1)}}}, which the manifest "
+                                  "row has not; use the manifest's fields or drop the braces")
+        return got
+    return _FIELD.sub(value, template)
+
+
 def read_manifest_files(manifest: str | Path, splits, use_source: bool = False,
                         categories=None) -> list[Path]:
     """Image paths of the manifest rows whose ``split`` is in ``splits`` (relative to its folder).
 
     ``categories`` (optional) also keeps only rows whose ``category`` is listed.
     """
+    return [path for path, _ in read_manifest_rows(manifest, splits, use_source, categories)]
+
+
+def read_manifest_rows(manifest: str | Path, splits, use_source: bool = False,
+                       categories=None) -> list[tuple[Path, dict]]:
+    """(image path, row) of the manifest rows whose ``split`` is in ``splits``; see read_manifest_files."""
     manifest = Path(manifest)
     if not manifest.is_file():
         raise DatencoderError(f"manifest {manifest} not found; set data.manifest to a JSONL file")
@@ -64,7 +103,7 @@ def read_manifest_files(manifest: str | Path, splits, use_source: bool = False,
             # Clean sources are shared by several composed rows: each source image counts once.
             if path not in seen:
                 seen.add(path)
-                files.append(path)
+                files.append((path, row))
     return files
 
 
@@ -82,10 +121,29 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise DatencoderError(f"data resolution must be >= 1 (or 0: set later), got {resolution}")
         if not templates:
             raise DatencoderError("data.templates is empty; give at least one prompt template with S*")
+        fields = template_fields(templates)
+        self.rows: list[dict] | None = None
+        if hflip and {"position", "a_position"} & fields:
+            raise DatencoderError("data.templates name {position}, but data.hflip mirrors left and right; "
+                                  "set data.hflip=false")
         if manifest:
-            self.files = read_manifest_files(manifest, splits, use_source, categories)
+            rows = read_manifest_rows(manifest, splits, use_source, categories)
+            self.files = [path for path, _ in rows]
             where = f"manifest {manifest} (splits {list(splits)}, categories {categories or 'all'})"
+            if fields:
+                if use_source:
+                    raise DatencoderError(f"data.templates name manifest fields {sorted(fields)}, but a clean source "
+                                          "is shared by several rows; set data.use_source=false")
+                for path, row in rows:
+                    missing = sorted(f for f in fields if _field(row, f) is None)
+                    if missing:
+                        raise DatencoderError(f"data.templates name {missing}, which the manifest row of {path.name} "
+                                              "has not; use the manifest's fields or drop the braces")
+                self.rows = [row for _, row in rows]
         else:
+            if fields:
+                raise DatencoderError(f"data.templates name manifest fields {sorted(fields)}; they need "
+                                      "data.manifest=FILE.jsonl (a plain folder has no fields)")
             if not str(root):
                 raise DatencoderError("data.root is empty; set data.root=FOLDER or data.manifest=FILE.jsonl")
             if categories is not None:
@@ -129,7 +187,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def item(self, index: int, generator: torch.Generator) -> tuple[Tensor, str]:
         pixels = augment_views(self.clean(index), 1, generator, self.hflip, self.scale_min)[0]
         pick = int(torch.randint(0, len(self.templates), (), generator=generator))
-        return pixels, self.templates[pick]
+        template = self.templates[pick]
+        if self.rows is not None:
+            template = fill_template(template, self.rows[self._source_index(index)])
+        return pixels, template
+
+    def _source_index(self, index: int) -> int:
+        """The row of the image ``clean(index)`` read: the next readable one after skipped files."""
+        n = len(self.files)
+        return next(((index + k) % n for k in range(n) if (index + k) % n not in self._bad), index % n)
 
     def __getitem__(self, index: int) -> tuple[Tensor, str]:
         return self.item(index, torch.Generator().manual_seed(index))

@@ -13,6 +13,7 @@ DreamBooth-LoRA, ``eval/baselines.py``) run it too, so every method is optimised
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import resource
 import time
@@ -26,6 +27,8 @@ from torch import Tensor
 from .augment import augment_views
 from .concept import Concept
 from .config import DataConfig, TuneConfig, to_dict
+from .dataset import template_fields
+from .errors import DatencoderError
 
 if TYPE_CHECKING:  # the baselines import this module without the encoder stack
     from .base import BaseModel
@@ -40,6 +43,16 @@ StepCallback = Callable[[int, dict[str, float]], None]
 Trainables = Callable[[], tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]]
 """Returns the step's (embedding [1, D], factors {key: (A [1, r, in], B [1, out, r])}); called once per
 step, so trained heads can recompute them from their parameters."""
+
+
+def tuning_data(cfg) -> DataConfig:
+    """cfg.data with the tuning steps' templates (tune.templates when set)."""
+    templates = cfg.tune.templates or cfg.data.templates
+    fields = template_fields(templates)
+    if fields:
+        raise DatencoderError(f"the prompt templates name manifest fields {sorted(fields)}, which a single image has "
+                              "not; set tune.templates to plain templates (e.g. tune.templates='[\"S*\"]')")
+    return dataclasses.replace(cfg.data, templates=list(templates))
 
 
 def optimise_on_image(objective: Objective, base: BaseModel, pixels: Tensor, steps: Iterable[int],
@@ -149,8 +162,8 @@ def _personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig, gen: t
         else:
             def trainables():
                 return embedding, factors
-        optimise_on_image(system.objective, system.base, pixels, range(tune.steps), tune.batch_size, cfg.data,
-                          trainables, cfg.dual_path.enabled, optimizer, gen, callback)
+        optimise_on_image(system.objective, system.base, pixels, range(tune.steps), tune.batch_size,
+                          tuning_data(cfg), trainables, cfg.dual_path.enabled, optimizer, gen, callback)
         if heads is not None:
             with torch.no_grad():
                 out = heads.heads(h)
