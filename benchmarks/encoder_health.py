@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from datencoder.io import write_json_atomic, write_text_atomic  # noqa: E402
-from datencoder.health import embedding_health, hubness  # noqa: E402
+from datencoder.health import embedding_health, hubness, label_purity  # noqa: E402
 from datencoder.image_io import image_to_tensor, load_image  # noqa: E402
 from datencoder.system import DEFAULT_ENCODER_DIR, EncoderSystem  # noqa: E402
 from datencoder.tokens import nearest_tokens, token_word  # noqa: E402
@@ -89,6 +89,13 @@ def measure(encoder_dir: Path, rows: list[dict], root: Path, key: str) -> tuple[
     index, _ = nearest_tokens(embeddings, table, 5)
     top = Counter(index[:, 0].tolist()).most_common(1)[0][0]  # as embedding_health's top word
     health["top_word_hub_share"] = round(float((scores > scores[top]).float().mean()), 4)
+    if key == "file":  # composed images: does the word follow the background colour or the concept?
+        first = [word_of(j) for j in index[:, 0].tolist()]
+        health["background_purity"] = round(label_purity([r["background"] for r in rows], first), 4)
+        health["concept_category_purity"] = round(label_purity([r["category"] for r in rows], first), 4)
+        colour = [{r["background"], {"gray": "grey"}.get(r["background"], r["background"])} for r in rows]
+        health["names_background_top5"] = round(sum(any(word_of(j).lower() in c for j in idx)
+                                                     for c, idx in zip(colour, index.tolist())) / len(rows), 4)
     per_image = [{"image": r[key], "concept": r["name"], "category": r["category"],
                   "nearest": [word_of(j) for j in idx]} for r, idx in zip(rows, index.tolist())]
     meta = json.loads((encoder_dir / "encoder.json").read_text())
@@ -97,12 +104,8 @@ def measure(encoder_dir: Path, rows: list[dict], root: Path, key: str) -> tuple[
     return health, per_image
 
 
-def markdown(results: list[dict], command: str, setup: str) -> str:
-    lines = ["# Encoder health on held-out concepts", "",
-             "Nearest real words of the encoder's predicted S* embeddings (the prediction `datencoder personalize` "
-             "starts from) on images of concepts no training path saw. Target (issue 11): no single nearest word "
-             "for more than 10 % of the inputs.", "", f"Command: `{command}`", "", setup, "",
-             "| encoder | steps | contrastive | inputs | distinct nearest words | top word (share) | "
+def _table(results: list[dict]) -> list[str]:
+    lines = ["| encoder | steps | contrastive | inputs | distinct nearest words | top word (share) | "
              "top word's hub rank | mean pairwise cosine | cosine to nearest word | "
              "a top-5 word names the concept or category | target met |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -112,9 +115,30 @@ def markdown(results: list[dict], command: str, setup: str) -> str:
                      f"top {100 * r['top_word_hub_share']:.0f} % | "
                      f"{r['mean_pairwise_cosine']:.3f} | {r['nearest_cosine']:.3f} | {100 * r['semantic_top5']:.1f} % | "
                      f"{'yes' if r['top_word_share'] <= 0.10 else 'no'} |")
+    if any("background_purity" in r for r in results):
+        lines += ["", "What decides the word (share of inputs whose word is the most common one of their "
+                  "background colour / their emoji category; 1.0: the word is a function of it):", "",
+                  "| encoder | by background colour | by category | a top-5 word names the background colour |",
+                  "|---|---|---|---|"]
+        lines += [f"| `{r['encoder']}` | {r['background_purity']:.2f} | {r['concept_category_purity']:.2f} | "
+                  f"{100 * r['names_background_top5']:.1f} % |" for r in results if "background_purity" in r]
     lines += ["", "Most common nearest words (count):", ""]
     for r in results:
         lines.append(f"- `{r['encoder']}`: " + ", ".join(f"{w} ({c})" for w, c in r["most_common"]))
+    return lines
+
+
+_KINDS = {"source": "clean renders (the one image a user brings: the concept on a plain background)",
+          "file": "composed renders (the kind of image pre-training used: a background colour, size and position)"}
+
+
+def markdown(results: dict[str, list[dict]], command: str, setup: str) -> str:
+    lines = ["# Encoder health on held-out concepts", "",
+             "Nearest real words of the encoder's predicted S* embeddings (the prediction `datencoder personalize` "
+             "starts from) on images of concepts no training path saw. Target (issue 11): no single nearest word "
+             "for more than 10 % of the inputs.", "", f"Command: `{command}`", "", setup]
+    for kind, rows in results.items():
+        lines += ["", f"## {_KINDS[kind][0].upper()}{_KINDS[kind][1:]}", "", *_table(rows)]
     lines += ["", "Concept words: the lowercase words (3+ letters) of the emoji's name, category and subcategory, "
               "with simple plural forms, without `and`, `with`, `face`, ...; per-image nearest words are in "
               "the JSON file next to this one. Pre-training logs the same collapse signal while it runs: "
@@ -130,31 +154,35 @@ def main(argv: list[str] | None = None) -> int:
                         help="encoder folder (repeatable); default: the shipped one")
     parser.add_argument("--manifest", default="/work/data/emoji/manifest.jsonl")
     parser.add_argument("--split", default="heldout_concept")
-    parser.add_argument("--images", choices=("source", "file"), default="source",
-                        help="source: the clean render (a user's one image); file: a composed training-style image")
+    parser.add_argument("--images", choices=("source", "file", "both"), default="both",
+                        help="source: the clean render (a user's one image); file: a composed training-style image "
+                             "(also says whether the word follows the background colour); both: a table of each")
     parser.add_argument("--out", default="docs/encoder_health.md")
     args = parser.parse_args(argv)
     manifest = Path(args.manifest)
     if not manifest.is_file():
         print(f"error: no manifest at {manifest}", file=sys.stderr)
         return 2
-    rows = held_out_rows(manifest, args.split, args.images)
-    if len(rows) < 100:
-        print(f"warning: only {len(rows)} held-out images", file=sys.stderr)
-    results, images = [], {}
-    start = time.perf_counter()
-    for enc in args.encoder or [str(DEFAULT_ENCODER_DIR)]:
-        health, per_image = measure(Path(enc), rows, manifest.parent, args.images)
-        print(json.dumps({k: v for k, v in health.items() if k != "most_common"}))
-        results.append(health)
-        images[enc] = per_image
+    kinds = ["source", "file"] if args.images == "both" else [args.images]
+    results: dict[str, list[dict]] = {}
+    images: dict[str, list[dict]] = {}
     shipped = str(DEFAULT_ENCODER_DIR)
-    for r in results:  # the doc names the shipped encoder by its package path, not this machine's
-        r["encoder"] = r["encoder"].replace(str(Path(shipped).parents[1]) + "/", "src/datencoder/")
+    start = time.perf_counter()
+    for kind in kinds:
+        rows = held_out_rows(manifest, args.split, kind)
+        if len(rows) < 100:
+            print(f"warning: only {len(rows)} held-out images", file=sys.stderr)
+        for enc in args.encoder or [shipped]:
+            health, per_image = measure(Path(enc), rows, manifest.parent, kind)
+            print(json.dumps({k: v for k, v in health.items() if k != "most_common"}))
+            # the doc names the shipped encoder by its package path, not this machine's
+            health["encoder"] = health["encoder"].replace(str(Path(shipped).parents[1]) + "/", "src/datencoder/")
+            results.setdefault(kind, []).append(health)
+            images[f"{enc} ({kind})"] = per_image
     setup = (f"{time.strftime('%Y-%m-%d')}, {platform.machine()} CPU ({os.cpu_count()} cores, shared with other jobs), "
-             f"no GPU, torch threads {torch.get_num_threads()}; {len(rows)} images of split `{args.split}` "
-             f"({args.images} images, one per concept, style by seeded hash); "
-             f"{time.perf_counter() - start:.0f} s in all.")
+             f"no GPU, torch threads {torch.get_num_threads()}; {len(rows)} images of split `{args.split}` per "
+             f"table (one per concept, style by seeded hash; for composed renders one of the concept's renders, "
+             f"also by seeded hash); {time.perf_counter() - start:.0f} s in all.")
     command = "python " + " ".join(["benchmarks/encoder_health.py", *(argv if argv is not None else sys.argv[1:])])
     out = Path(args.out)
     write_text_atomic(out, markdown(results, command, setup))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from datencoder.health import embedding_health, hubness, nearest_word_stats
+from datencoder.health import embedding_health, hubness, label_purity, nearest_word_stats
 
 WORDS = ["dog", "cat", "apple", "car", "face", "smile"]
 
@@ -50,3 +50,10 @@ def test_hubness_ranks_the_word_near_many_others_first():
     cos = direct @ direct.T
     cos.fill_diagonal_(-2)
     torch.testing.assert_close(scores, cos.topk(5, dim=-1).values.mean(-1))
+
+
+def test_label_purity_tells_a_word_that_follows_the_label():
+    labels = ["red", "red", "blue", "blue", "blue", "green"]
+    assert label_purity(labels, ["x", "x", "y", "y", "y", "z"]) == 1.0  # word = function of the label
+    assert label_purity(labels, ["a", "b", "c", "d", "e", "f"]) == 0.5  # one of each group's words
+    assert label_purity([], []) == 0.0

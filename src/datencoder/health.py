@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .tokens import nearest_tokens
 
-__all__ = ["embedding_health", "hubness", "nearest_word_stats"]
+__all__ = ["embedding_health", "hubness", "label_purity", "nearest_word_stats"]
 
 
 def nearest_word_stats(nearest: Sequence[int]) -> dict[str, float]:
@@ -87,3 +87,17 @@ def hubness(table: Tensor, k: int = 10, chunk: int = 2048) -> Tensor:
         cos[rows, rows + start] = -2.0  # not itself
         scores.append(cos.topk(min(k, unit.shape[0] - 1), dim=-1).values.mean(-1))
     return torch.cat(scores)
+
+
+def label_purity(labels: Sequence[str], words: Sequence[str]) -> float:
+    """How much a label (e.g. the image's background colour) decides the nearest word: the share of
+    inputs whose word is the most common word among the inputs with their label (1.0: the word is a
+    function of the label; about 1 / distinct words when it is unrelated)."""
+    if len(labels) != len(words):
+        raise ValueError(f"{len(labels)} labels for {len(words)} words")
+    if not words:
+        return 0.0
+    groups: dict[str, Counter] = {}
+    for label, word in zip(labels, words):
+        groups.setdefault(label, Counter())[word] += 1
+    return sum(c.most_common(1)[0][1] for c in groups.values()) / len(words)
