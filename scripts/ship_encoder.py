@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from datencoder.checkpoints import load_tensors, read_json, save_tensors_atomic, write_json_atomic
+from datencoder.io import load_tensors, read_json, save_tensors_atomic, write_json_atomic
 from datencoder.system import KIND
 
 

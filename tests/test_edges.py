@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from datencoder.base import SUPPORTED_PIPELINES, check_family, load_base
-from datencoder.io import check_output, save_tensors_atomic, write_json_atomic
+from datencoder.io import check_output, load_tensors, save_tensors_atomic, write_json_atomic
 from datencoder.concept import Concept
 from datencoder.config import Config, TuneConfig, apply_overrides, from_dict, load_config, shipped_configs_dir
 from datencoder.errors import DatencoderError
@@ -240,6 +240,29 @@ def test_shipped_encoder_has_a_name(world, capsys, tmp_path):
     _ok(capsys, ["personalize", world["image"], "--out", out, "--steps", "0"])  # no --encoder: the shipped one
     meta = json.loads((out / "concept.json").read_text())
     assert meta["base"]["name"] == "minisd-emoji" and meta["info"]["encoder"] == str(DEFAULT_ENCODER_DIR)
+
+
+def test_shipped_encoders_by_name_and_the_ship_script(world, tmp_path):
+    import importlib.util
+
+    from datencoder.system import SHIPPED_ENCODERS, encoder_path
+
+    for name, folder in SHIPPED_ENCODERS.items():  # every shipped name maps to its package folder
+        assert encoder_path(name) == folder and folder.parent.name == "assets"
+    script = Path(__file__).parents[1] / "scripts" / "ship_encoder.py"
+    spec = importlib.util.spec_from_file_location("ship_encoder", script)
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    assert ship.main([str(world["encoder"]), str(tmp_path / "shipped")]) == 0
+    shipped = load_tensors(tmp_path / "shipped" / "encoder.safetensors", "encoder")
+    original = load_tensors(world["encoder"] / "encoder.safetensors", "encoder")
+    assert shipped.keys() == original.keys()
+    for key, value in shipped.items():
+        assert value.dtype == (torch.float16 if original[key].is_floating_point() else original[key].dtype)
+        torch.testing.assert_close(value.float(), original[key].float(), rtol=1e-3, atol=1e-3)
+    meta = json.loads((tmp_path / "shipped" / "encoder.json").read_text())
+    assert meta["info"]["shipped_dtype"] == "float16"
+    assert EncoderSystem.load(tmp_path / "shipped").cfg.encoder.hidden_dim == 32  # it loads
 
 
 # -- part 5: the family gate -------------------------------------------------------------------

@@ -23,18 +23,25 @@ from .io import ASSETS, check_base, load_tensors, read_json, save_tensors_atomic
 from .objective import NoisyLatents, Objective
 from .prepare import prepare_base
 
-__all__ = ["EncoderSystem", "encoder_path", "resolve_encoder", "DEFAULT_ENCODER", "DEFAULT_ENCODER_DIR"]
+__all__ = ["EncoderSystem", "encoder_path", "resolve_encoder", "DEFAULT_ENCODER", "DEFAULT_ENCODER_DIR",
+           "SHIPPED_ENCODERS"]
 
 KIND = "encoder"
 DEFAULT_ENCODER = "minisd-emoji-encoder"
 """The name of the shipped encoder on the command line (like the base's ``minisd-emoji``)."""
 DEFAULT_ENCODER_DIR = ASSETS / DEFAULT_ENCODER
-"""The encoder pre-trained on the embedded default base model, shipped in the package."""
+"""The encoder pre-trained on the embedded default base model, shipped in the package: the
+per-sample hypernetwork (``minisd_encoder_full_hypernet.yaml``), the best measured (docs/results.md)."""
+SHIPPED_ENCODERS = {DEFAULT_ENCODER: DEFAULT_ENCODER_DIR,
+                    "minisd-emoji-encoder-basis": ASSETS / "minisd-emoji-encoder-basis"}
+"""Encoders shipped in the package, by name. ``minisd-emoji-encoder-basis`` (``minisd_encoder.yaml``: an
+r x r core on a learned basis) was the default until 2026-11-29; the evaluation's ``ours-*`` rows
+measure it."""
 
 
 def encoder_path(name: str | Path) -> Path:
     """The folder an encoder name stands for: the shipped encoder's name, or a folder."""
-    return DEFAULT_ENCODER_DIR if str(name) == DEFAULT_ENCODER else Path(name).expanduser()
+    return SHIPPED_ENCODERS.get(str(name)) or Path(name).expanduser()
 
 
 def resolve_encoder(name: str | Path) -> Path:
