@@ -2,8 +2,8 @@
 
 The evaluation (``datencoder evaluate``) records seconds per pair, but on a small machine it runs
 several processes side by side, so those seconds include waiting for the CPU. This script times
-the same code paths alone: our encoder at 0 / 12 / 50 steps (and with its heads tuned),
-Textual Inversion, DreamBooth-LoRA and whole-UNet DreamBooth for a few steps (seconds per step,
+the same code paths alone: our encoder at 0 / 12 / 50 steps (also with its heads tuned, and the
+per-sample hypernetwork encoder, the shipped default, at 12), Textual Inversion, DreamBooth-LoRA and whole-UNet DreamBooth for a few steps (seconds per step,
 and the step counts of the comparison extrapolated from it, marked as such). Memory: the peak
 resident set during the personalisation itself (the high-water mark is reset just before it) and
 the resident set at its start (the loaded base model, the encoder and what the allocator kept from
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     pixels = image_to_tensor(load_image(target.image), base.resolution)
     by_name = {m.name: m for m in cfg.methods}
     # (method to time, steps to time it at); the baselines' longer runs are extrapolated per step
-    plan = [("ours-0", None), ("ours-12", None), ("ours-50", None), ("tune-heads-12", None), ("ti-100", 20),
-            ("db-lora-50", 20), ("db-unet-400", 20)]
+    plan = [("ours-0", None), ("ours-12", None), ("ours-50", None), ("tune-heads-12", None),
+            ("full-hypernet-12", None), ("ti-100", 20), ("db-lora-50", 20), ("db-unet-400", 20)]
     plan = [(name, steps) for name, steps in plan if name in {m.name for m in cfg.methods}]
     load_before = os.getloadavg()
     systems: dict = {}
