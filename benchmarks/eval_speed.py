@@ -3,8 +3,9 @@
 The evaluation (``datencoder evaluate``) records seconds per pair, but on a small machine it runs
 several processes side by side, so those seconds include waiting for the CPU. This script times
 the same code paths alone: our encoder at 0 / 12 / 50 steps (also with its heads tuned, and the
-per-sample hypernetwork encoder, the shipped default, at 12), Textual Inversion, DreamBooth-LoRA and whole-UNet DreamBooth for a few steps (seconds per step,
-and the step counts of the comparison extrapolated from it, marked as such). Memory: the peak
+per-sample hypernetwork encoder, the shipped default, at 12), Textual Inversion, DreamBooth-LoRA
+and whole-UNet DreamBooth for a few steps (seconds per step, and the step counts of the
+comparison extrapolated from it, marked as such). Memory: the peak
 resident set during the personalisation itself (the high-water mark is reset just before it) and
 the resident set at its start (the loaded base model, the encoder and what the allocator kept from
 the warm-up run), in MB; on the CPU the difference is not the personalisation's own need, since
