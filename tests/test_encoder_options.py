@@ -10,7 +10,7 @@ from datencoder.base import load_base
 from datencoder.io import load_tensors
 from datencoder.config import Config, EncoderConfig, TuneConfig, from_dict
 from datencoder.errors import DatencoderError
-from datencoder.system import DEFAULT_ENCODER_DIR, EncoderSystem
+from datencoder.system import EncoderSystem
 from datencoder.tuning import personalize
 
 from test_core import make_system, unet_inputs
@@ -66,12 +66,16 @@ def test_full_mode_saves_and_loads(full_system, tmp_path):
     assert all(torch.equal(v, loaded.encoder.state_dict()[k]) for k, v in full_system.encoder.state_dict().items())
 
 
-def test_shipped_encoder_still_loads_unchanged():
-    if not (DEFAULT_ENCODER_DIR / "encoder.json").exists():
+@pytest.mark.parametrize("name, mode", [("minisd-emoji-encoder", "full"), ("minisd-emoji-encoder-basis", "core")])
+def test_shipped_encoders_still_load_unchanged(name, mode):
+    from datencoder.system import SHIPPED_ENCODERS
+
+    folder = SHIPPED_ENCODERS[name]
+    if not (folder / "encoder.json").exists():
         pytest.skip("the embedded encoder is not shipped in this checkout")
-    system = EncoderSystem.load(DEFAULT_ENCODER_DIR)
-    assert system.cfg.encoder.hypernet_mode == "core" and not system.cfg.tune.tune_heads
-    shipped = load_tensors(DEFAULT_ENCODER_DIR / "encoder.safetensors", "encoder")
+    system = EncoderSystem.load(folder)
+    assert system.cfg.encoder.hypernet_mode == mode and not system.cfg.tune.tune_heads
+    shipped = load_tensors(folder / "encoder.safetensors", "encoder")
     state = system.encoder.state_dict()
     assert set(shipped) == set(state)
     assert all(torch.equal(shipped[k].float(), state[k].float()) for k in shipped)
