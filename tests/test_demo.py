@@ -54,3 +54,8 @@ def test_demo_on_the_shipped_model(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     grid = Image.open(tmp_path / "demo.png")
     assert grid.width > 2.5 * grid.height  # 2 rows x 8 tiles (input + 7 prompts), labels under each
+    # the other shipped encoder, by its name
+    out = _run("--encoder", "minisd-emoji-encoder-basis", "--steps", "1", "--sample-steps", "2", "--out", "b.png",
+               cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert Image.open(tmp_path / "b.png").size == grid.size

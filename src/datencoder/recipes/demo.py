@@ -19,7 +19,7 @@ from ..image_io import image_to_tensor, load_image, make_grid, save_image_atomic
 from ..pipeline import ConceptPipeline
 from ..io import check_output
 from ..config import check_seed
-from ..system import DEFAULT_ENCODER, DEFAULT_ENCODER_DIR, EncoderSystem
+from ..system import DEFAULT_ENCODER, EncoderSystem, encoder_path
 from ..tuning import peak_memory_mb, personalize
 from .options import add_device_arguments, device_options
 from ..io import ASSETS
@@ -69,7 +69,7 @@ def run(args) -> int:
         raise DatencoderError(f"--guidance must be a finite number, got {args.guidance}")
     check_seed(args.seed, "--seed")
     check_output(args.out, folder=False)
-    encoder_dir = DEFAULT_ENCODER_DIR if args.encoder == DEFAULT_ENCODER else Path(args.encoder)
+    encoder_dir = encoder_path(args.encoder)  # a shipped encoder's name, or a folder
     if not (encoder_dir / "encoder.json").exists():
         raise DatencoderError(
             f"no encoder at {encoder_dir}: the embedded encoder is not installed in this version; "
