@@ -100,6 +100,7 @@ def _config_classes() -> dict[str, type]:
         "minisd_encoder_no_contrastive.yaml": Config, "minisd_encoder_no_hypernet.yaml": Config,
         "minisd_encoder_full_hypernet.yaml": Config, "minisd_encoder_apart.yaml": Config,
         "minisd_encoder_distinct.yaml": Config, "minisd_encoder_captioned.yaml": Config,
+        "minisd_encoder_full_distinct.yaml": Config,
         "minisd_e4t_animals.yaml": Config, "eval_minisd.yaml": EvalConfig, "eval_minisd_fixed.yaml": EvalConfig,
     }
 
@@ -123,7 +124,9 @@ def test_encoder_ablation_configs_differ_from_the_main_one_only_where_they_say()
                 "minisd_encoder_full_hypernet.yaml": {("encoder", "hypernet_mode")},
                 "minisd_encoder_apart.yaml": {("loss", "predicted_negatives")},
                 "minisd_encoder_distinct.yaml": {("loss", "predicted_negatives"), ("loss", "distinct_positives")},
-                "minisd_encoder_captioned.yaml": {("data", "templates"), ("data", "hflip"), ("tune", "templates")}}
+                "minisd_encoder_captioned.yaml": {("data", "templates"), ("data", "hflip"), ("tune", "templates")},
+                "minisd_encoder_full_distinct.yaml": {("encoder", "hypernet_mode"), ("loss", "predicted_negatives"),
+                                                      ("loss", "distinct_positives")}}
     for name, keys in expected.items():
         other = to_dict(load_config(shipped_configs_dir() / name))
         differ = {(section, key) for section, values in main.items() if isinstance(values, dict)
