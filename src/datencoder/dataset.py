@@ -169,12 +169,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if self.resolution < 1:
             raise DatencoderError("set the dataset's resolution before reading images")
         n = len(self.files)
-        for offset in range(n):
-            i = (index + offset) % n
-            if i in self._bad:
-                continue
-            # Small images are upsampled rather than refused, unless they are tiny icons.
-            min_size = min(32, self.resolution)
+        # Small images are upsampled rather than refused, unless they are tiny icons.
+        min_size = min(32, self.resolution)
+        while (i := self._readable(index)) is not None:
             try:
                 return image_to_tensor(load_image(self.files[i], min_size=min_size), self.resolution)
             except DatencoderError as err:
@@ -184,18 +181,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 log.warning("skipping unreadable training image: %s", err)
         raise DatencoderError(f"none of the {n} training images is readable; check the data folder")
 
+    def _readable(self, index: int) -> int | None:
+        """The first file at or after ``index`` (cyclically) not known to be unreadable."""
+        n = len(self.files)
+        return next(((index + k) % n for k in range(n) if (index + k) % n not in self._bad), None)
+
     def item(self, index: int, generator: torch.Generator) -> tuple[Tensor, str]:
         pixels = augment_views(self.clean(index), 1, generator, self.hflip, self.scale_min)[0]
         pick = int(torch.randint(0, len(self.templates), (), generator=generator))
         template = self.templates[pick]
         if self.rows is not None:
-            template = fill_template(template, self.rows[self._source_index(index)])
+            template = fill_template(template, self.rows[self._readable(index)])  # the row of the image read
         return pixels, template
-
-    def _source_index(self, index: int) -> int:
-        """The row of the image ``clean(index)`` read: the next readable one after skipped files."""
-        n = len(self.files)
-        return next(((index + k) % n for k in range(n) if (index + k) % n not in self._bad), index % n)
 
     def __getitem__(self, index: int) -> tuple[Tensor, str]:
         return self.item(index, torch.Generator().manual_seed(index))

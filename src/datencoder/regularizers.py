@@ -32,6 +32,11 @@ from .tokens import nearest_tokens
 __all__ = ["distinct_nearest", "nn_contrastive_loss", "norm_loss", "l2_loss", "offset_l2"]
 
 
+def _copies(v: Tensor) -> Tensor:
+    """[N, N] bool: row i equals row j (itself, or another copy of the same concept)."""
+    return (v.unsqueeze(1) == v.unsqueeze(0)).all(-1)
+
+
 @torch.no_grad()
 def distinct_nearest(v: Tensor, table: Tensor, k: int = 1) -> Tensor:
     """[N, k] indices of words near each row of v, no word shared by two different rows.
@@ -42,18 +47,16 @@ def distinct_nearest(v: Tensor, table: Tensor, k: int = 1) -> Tensor:
     n = v.shape[0]
     reach = min(table.shape[0], k * n)  # enough candidates for every row to find k free words
     ranked, cos = nearest_tokens(v, table, reach)  # [N, reach]
-    result = torch.empty(n, k, dtype=torch.long, device=ranked.device)
+    first = _copies(v).float().argmax(1)  # each row's first copy: the one that picks its words
+    ranked_rows = ranked.tolist()
+    result = torch.empty(n, k, dtype=torch.long)
     taken: set[int] = set()
-    done: dict[bytes, Tensor] = {}
     for i in cos[:, 0].argsort(descending=True).tolist():
-        key = v[i].detach().float().cpu().numpy().tobytes()
-        if key in done:
-            result[i] = done[key]
-            continue
-        free = [j for j in ranked[i].tolist() if j not in taken][:k]
-        taken.update(free)
-        result[i] = done[key] = torch.tensor(free, dtype=torch.long)
-    return result
+        if first[i] == i:
+            free = [j for j in ranked_rows[i] if j not in taken][:k]
+            taken.update(free)
+            result[i] = torch.tensor(free, dtype=torch.long)
+    return result[first.cpu()].to(ranked.device)
 
 
 def nn_contrastive_loss(v: Tensor, table: Tensor, tau: float = 0.07, num_negatives: int = 256,
@@ -77,7 +80,7 @@ def nn_contrastive_loss(v: Tensor, table: Tensor, tau: float = 0.07, num_negativ
     pos = logits.masked_fill(~is_positive, float("-inf")).logsumexp(-1)
     if predicted_negatives and v.shape[0] > 1:
         with torch.no_grad():
-            same = (v.unsqueeze(1) == v.unsqueeze(0)).all(-1)  # [N, N]: itself, or a copy of the same concept
+            same = _copies(v)  # [N, N]: itself, or a copy of the same concept
         others = (unit @ unit.T / tau).masked_fill(same, float("-inf"))  # [N, N]
         logits = torch.cat([logits, others], dim=-1)
     return (logits.logsumexp(-1) - pos).mean()
