@@ -31,6 +31,11 @@ class MiniDataConfig:
     root: str = "data/emoji"
     """Folder holding manifest.jsonl and the images it names."""
     splits: list[str] = field(default_factory=lambda: ["train"])
+    world: str = ""
+    """A world file (``datencoder data world``): only rows of its concepts, whatever their split
+    (empty: every concept of ``splits``)."""
+    styles: list[str] = field(default_factory=list)
+    """Only rows of these styles (empty: all); a world keeps its held-out style out of training."""
     limit: int = 0
     """Use only the first ``limit`` rows (0: all); for quick runs."""
     caption_variants: int = 2
@@ -57,11 +62,20 @@ def read_manifest(cfg: MiniDataConfig) -> list[dict]:
     if not path.exists():
         raise DatencoderError(f"no manifest at {path}; build the data set with 'datencoder data' first")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("split") in cfg.splits]
+    if cfg.world:
+        from ..world import world_keys
+
+        keys = set(world_keys(cfg.world))
+        rows = [r for r in rows if r.get("concept") in keys]
+    else:
+        rows = [r for r in rows if r.get("split") in cfg.splits]
+    if cfg.styles:
+        rows = [r for r in rows if r.get("style") in cfg.styles]
     if cfg.limit:
         rows = rows[: cfg.limit]
     if not rows:
-        raise DatencoderError(f"{path} has no rows with split in {cfg.splits}")
+        which = f"of the world {cfg.world}" if cfg.world else f"with split in {cfg.splits}"
+        raise DatencoderError(f"{path} has no rows {which}" + (f" and style in {cfg.styles}" if cfg.styles else ""))
     return rows
 
 

@@ -47,9 +47,17 @@ def train_stage(model: torch.nn.Module, loss_fn: Callable, num_examples: int, cf
                meta=meta)
 
 
+def _shipped(path: str, part: str = "") -> str:
+    """``minisd-emoji`` names the shipped model's folder (or its ``part``); other paths are kept."""
+    from ...io import ASSETS
+
+    return str(ASSETS / "minisd-emoji" / part) if path == "minisd-emoji" else path
+
+
 def _vae_from_dir(vae_dir: str, scaling_factor: float = 1.0):
     """The VAE stage's architecture (from its checkpoint JSON) with its EMA weights, or an
-    exported diffusers ``vae/`` folder (e.g. the shipped model's, to train a UNet on it)."""
+    exported diffusers ``vae/`` folder (e.g. the shipped model's, ``minisd-emoji``, to train a UNet on it)."""
+    vae_dir = _shipped(vae_dir, "vae")
     trained = find_checkpoint(vae_dir) is not None
     exported = Path(vae_dir) / "config.json"
     if not trained and exported.exists():
@@ -69,6 +77,28 @@ def _vae_from_dir(vae_dir: str, scaling_factor: float = 1.0):
     vae = build_vae(arch, scaling_factor)
     vae.load_state_dict(ckpt.averaged())
     return arch, vae.eval().requires_grad_(False)
+
+
+def _exported_scaling(vae_dir: str) -> float | None:
+    """The scaling factor an exported ``vae/`` folder records (what its UNet was trained with)."""
+    vae_dir = _shipped(vae_dir, "vae")
+    config = Path(vae_dir) / "config.json"
+    if find_checkpoint(vae_dir) is not None or not config.exists():
+        return None
+    return json.loads(config.read_text()).get("scaling_factor")
+
+
+def _unet_weights(init_from: str) -> dict[str, torch.Tensor]:
+    """EMA weights of a UNet run folder, or the fp32 weights of an exported model: a diffusers
+    ``unet/`` folder, a folder holding one (e.g. an exported minisd-emoji), or ``minisd-emoji``."""
+    path = Path(_shipped(init_from))
+    for folder in (path / "unet", path):
+        if find_checkpoint(folder) is None and (folder / "config.json").exists():
+            from diffusers import UNet2DConditionModel
+
+            unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32)
+            return {k: v.float() for k, v in unet.state_dict().items()}
+    return load_ema_weights(path)
 
 
 def run_vae(cfg: VAEStageConfig, resume: bool) -> int:
@@ -126,8 +156,9 @@ def run_cache(cfg: UNetStageConfig, resume: bool) -> int:
         images = load_images(rows, cfg.data.root, arch.resolution)
         with torch.no_grad():
             latents = torch.cat([vae.encode(images[i : i + 128]).latent_dist.mean for i in range(0, len(images), 128)])
-        scaling = 1.0 / latents.std().item()
-        logger.info("cached %s latents, std %.3f -> scaling factor %.4f", tuple(latents.shape), 1 / scaling, scaling)
+        # an exported VAE keeps the factor its UNet was trained with; a new one is scaled to unit std
+        scaling = _exported_scaling(cfg.vae_dir) or 1.0 / latents.std().item()
+        logger.info("cached %s latents, std %.3f, scaling factor %.4f", tuple(latents.shape), latents.std().item(), scaling)
         save_file_atomic(latent_path, {"latents": latents}, {"scaling_factor": repr(scaling)})
     write_json_atomic(cache / "rows.json", files)
     return 0
@@ -164,7 +195,7 @@ def run_unet(cfg: UNetStageConfig, resume: bool) -> int:
         unet = build_unet(cfg.model, arch, encoder.config.hidden_size)
     if cfg.init_from and not resume:
         try:
-            unet.load_state_dict(load_ema_weights(Path(cfg.init_from)))
+            unet.load_state_dict(_unet_weights(cfg.init_from))
         except RuntimeError as e:
             raise DatencoderError(f"init_from={cfg.init_from}: its UNet has another architecture ({str(e).splitlines()[0]})") from None
         logger.info("UNet initialised from the EMA weights in %s", cfg.init_from)
