@@ -8,6 +8,11 @@ validation accuracy (composition index 3 of every concept-style, never trained o
 accuracy on the real composite of each prompt (what a perfect generator would score).
 
     python benchmarks/minisd_quality.py [--prompts 200] [--seeds 4] [--out docs/minisd_quality.json]
+    python benchmarks/minisd_quality.py --world data/world128.json --among data/world32.json ...
+
+``--world`` builds the prompts over a world's concepts (``datencoder data world``) and adds concept
+top-1/top-5 *among the world's concepts* (the evaluator's probabilities restricted to them); each
+``--among`` world (nested in it) is scored the same way on the prompts of its own concepts.
 
 ``--data`` (the emoji data set), ``--evaluator`` and ``--pretrained`` are checked before any image
 is generated; a missing one ends the run with a one-line error.
@@ -52,10 +57,13 @@ SCORED = {"full": ("style", "size", "position", "background"), "no_style": ("siz
           "no_layout": ("style", "background")}
 
 
-def build_prompts(root: Path, n: int, seed: int = 0) -> list[dict]:
-    """n prompts over distinct train-split concepts with drawn style, size, position, background."""
-    rows = read_rows(root, ["train"])
-    concepts = sorted({r["concept"]: r["name"] for r in rows}.items())
+def build_prompts(root: Path, n: int, seed: int = 0, world: list[dict] | None = None) -> list[dict]:
+    """n prompts over distinct train-split concepts (or the world's) with drawn style, size, position, background."""
+    if world is not None:
+        concepts = sorted((c["concept"], c["name"]) for c in world)
+    else:
+        rows = read_rows(root, ["train"])
+        concepts = sorted({r["concept"]: r["name"] for r in rows}.items())
     if not concepts:
         raise DatencoderError(f"{root / 'manifest.jsonl'} has no train-split rows to build prompts from")
     rng = np.random.default_rng(seed)
@@ -87,12 +95,34 @@ def score(records: list[dict], evaluator) -> dict:
     return out
 
 
-def judge(evaluator, images: list[Image.Image], specs: list[dict]) -> list[dict]:
+def world_score(records: list[dict], name: str, keys: list[str]) -> dict:
+    """Concept top-1/top-5 among a world's concepts over the records of its concepts' prompts."""
+    mine = [r for r in records if r["concept"] in set(keys)]
+    ranks = np.array([r["world_ranks"][name] for r in mine])
+    return {"concepts": len(keys), "n": len(mine), "top1": float(np.mean(ranks == 0)) if len(mine) else None,
+            "top5": float(np.mean(ranks < 5)) if len(mine) else None,
+            "mean_rank": float(np.mean(ranks)) if len(mine) else None, "chance_top5": min(1.0, 5 / len(keys))}
+
+
+def world_ranks(probs: torch.Tensor, evaluator, spec: dict, worlds: dict[str, list[str]]) -> dict[str, int]:
+    """The rank (0 = first) of the prompt's concept among each world that holds it."""
+    out = {}
+    for name, keys in worlds.items():
+        if spec["concept"] in keys:
+            sub = probs[[evaluator.index["concept"][k] for k in keys]]
+            out[name] = int((sub > sub[keys.index(spec["concept"])]).sum())
+    return out
+
+
+def judge(evaluator, images: list[Image.Image], specs: list[dict], worlds: dict[str, list[str]] | None = None) -> list[dict]:
     pred = evaluator.predict(images)
     top5 = pred["concept"]["probs"].topk(5, dim=-1).indices
     records = []
     for i, spec in enumerate(specs):
-        rec = {"prompt": spec["prompt"], "variant": spec["variant"], "seed": spec.get("seed", -1)}
+        rec = {"prompt": spec["prompt"], "variant": spec["variant"], "seed": spec.get("seed", -1),
+               "concept": spec["concept"]}
+        if worlds:
+            rec["world_ranks"] = world_ranks(pred["concept"]["probs"][i], evaluator, spec, worlds)
         for head in HEADS:
             rec[f"{head}_pred"] = pred[head]["labels"][i]
             rec[f"{head}_ok"] = pred[head]["labels"][i] == spec[head]
@@ -142,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="docs/minisd_quality.json")
     p.add_argument("--grid", default="docs/images/minisd_quality_grid.png")
     p.add_argument("--grid-rows", type=int, default=12)
+    p.add_argument("--world", default=None, help="a world file: prompts over its concepts, scored among them too")
+    p.add_argument("--among", nargs="*", default=[], help="world files nested in --world, each scored among itself")
     p.add_argument("--max-minutes", type=float, default=0.0,
                    help="stop generating after this long and score the prompts done so far (0: no limit)")
     args = p.parse_args(argv)
@@ -149,14 +181,18 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.data)
     work = Path(args.work)
     try:  # every input up front, before a work folder is made or an image generated
-        specs = build_prompts(root, args.prompts)
+        from datencoder.emoji.world import read_world, world_keys
+
+        world = read_world(args.world) if args.world else None
+        worlds = {Path(w).stem: world_keys(w) for w in ([args.world] if args.world else []) + args.among}
+        specs = build_prompts(root, args.prompts, world=world)
         evaluator = load_evaluator(args.evaluator)
         base = load_base(args.pretrained, with_image_tower=False).freeze()
     except DatencoderError as err:
         raise SystemExit(f"minisd_quality: {err}") from None
     work.mkdir(parents=True, exist_ok=True)
     pipe = make_pipeline(base.vae, base.unet, base.scheduler, base.tokenizer, base.text_encoder)
-    settings = {k: getattr(args, k) for k in ("prompts", "seeds", "steps", "guidance", "pretrained")}
+    settings = {k: getattr(args, k) for k in ("prompts", "seeds", "steps", "guidance", "pretrained", "world")}
     log_path = work / "images.jsonl"
     done = []
     if log_path.exists():
@@ -183,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                           generator=gens, output_type="pil").images
         gen_seconds += time.perf_counter() - t0
         flat_specs = [dict(s, seed=seed) for s in batch for seed in range(args.seeds)]
-        new = judge(evaluator, images, flat_specs)
+        new = judge(evaluator, images, flat_specs, worlds)
         records += new
         with log_path.open("a") as f:
             for rec in new:
@@ -204,8 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         "settings": settings | {"scheduler": "DDIM", "prompts_scored": n_done, "images_scored": len(records)},
         "generated": score(records, evaluator),
         "generated_full_prompts_only": score([r for r in records if r["variant"] == "full"], evaluator),
-        "real_composites_of_the_prompts": score(judge(evaluator, real, specs[:n_done]), evaluator),
-        "vae_reconstructions_of_the_prompts": score(judge(evaluator, vae_roundtrip(base.vae, real), specs[:n_done]), evaluator),
+        "real_composites_of_the_prompts": score(real_records := judge(evaluator, real, specs[:n_done], worlds), evaluator),
+        "vae_reconstructions_of_the_prompts": score(
+            vae_records := judge(evaluator, vae_roundtrip(base.vae, real), specs[:n_done], worlds), evaluator),
+        "among_world": {name: {"generated": world_score(records, name, keys),
+                               "real_composites": world_score(real_records, name, keys),
+                               "vae_reconstructions": world_score(vae_records, name, keys)}
+                        for name, keys in worlds.items()},
         "evaluator_validation": evaluator_validation(evaluator, root),
         "seconds_per_image_this_run": gen_seconds / max(1, len(records) - resumed),
         "grid": args.grid,
@@ -215,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("generated", "real_composites_of_the_prompts", "vae_reconstructions_of_the_prompts", "evaluator_validation")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("generated", "real_composites_of_the_prompts", "vae_reconstructions_of_the_prompts", "evaluator_validation", "among_world")}, indent=1))
     return 0
 
 

@@ -156,6 +156,18 @@ def test_vae_and_unet_resume_bit_identically_and_export_loads(tmp_path):
     _run("cache", from_export)
     again = load_file(str(tmp_path / "cache_export" / "latents.safetensors"))["latents"]
     torch.testing.assert_close(again, cached, rtol=0, atol=2e-2)
+    # ... scaled by the factor the exported VAE records (what its UNet was trained with), not re-measured
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "cache_export" / "latents.safetensors"), "pt") as f:
+        assert float(f.metadata()["scaling_factor"]) == AutoencoderKL.from_pretrained(out / "vae").config.scaling_factor
+
+    # A UNet run can start from an exported model folder: its weights, exactly (fp16 values in fp32).
+    from_folder = second + [f"init_from={out}", f"train.work_dir={tmp_path / 'from_export'}"]
+    _run("unet", from_folder)
+    started = {k[6:]: v for k, v in _tensors(tmp_path / "from_export").items() if k.startswith("model.")}
+    assert started.keys() == unet.state_dict().keys()
+    assert all(torch.equal(started[k], v.float()) for k, v in unet.state_dict().items())
 
 
 def test_zero_terminal_snr_schedule_samples_from_pure_noise_and_needs_v_prediction():

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from ...config import to_dict
+from ...errors import DatencoderError
 from ...io import ASSETS, save_file_atomic, to_pixels, to_uint8, write_json_atomic
 from ...training import load_ema_weights
 from ..batches import (AugmentConfig, SourceBank, augment, composition_index, load_rows_uint8, read_concepts,
@@ -85,6 +86,21 @@ class EvaluatorStageConfig:
     empty: none."""
     export_dir: str = ""
     """Empty: the package's assets/evaluator."""
+    world: str = ""
+    """A world file (``datencoder data world``): train and classify only its concepts (all styles);
+    empty: every concept of the data set."""
+    vae_prob: float = 0.0
+    """Chance that a training composition is passed through ``imprint_vae`` (encode, decode) first,
+    so the embedding learns to read what a decoder gives back."""
+    init_from: str = ""
+    """An evaluator folder ('evaluator': the shipped one) whose trunk weights start this run
+    (heads whose class count differs start fresh)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.vae_prob <= 1.0:
+            raise DatencoderError(f"vae_prob must be in [0, 1], got {self.vae_prob}")
+        if self.vae_prob > 0 and not self.imprint_vae:
+            raise DatencoderError("vae_prob > 0 needs imprint_vae (the VAE whose round trip is trained on)")
 
 
 def full_caption(row: dict) -> str:
@@ -204,6 +220,12 @@ def run_evaluator(cfg: EvaluatorStageConfig, resume: bool) -> int:
     root = cfg.data.root
     rows = read_rows(root)
     concepts = read_concepts(root, rows)
+    if cfg.world:
+        from ..world import world_keys
+
+        keep = set(world_keys(cfg.world))
+        concepts = [c for c in concepts if c["key"] in keep]
+        rows = [r for r in rows if r["concept"] in keep]
     work = Path(cfg.train.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     bank = SourceBank(root, [(c["key"], s) for c in concepts for s in STYLES], work / "sources.safetensors")
@@ -220,6 +242,9 @@ def run_evaluator(cfg: EvaluatorStageConfig, resume: bool) -> int:
         held[source_of[(r["concept"], r["style"])]] = torch.tensor(
             [index["size"][r["size"]], index["position"][r["position"]], index["background"][r["background"]]])
     net = EvaluatorNet(cfg.model, {h: len(v) for h, v in labels.items()})
+    if cfg.init_from and not resume:
+        _init_trunk(net, cfg.init_from)
+    vae = _imprint_vae(cfg.imprint_vae)
     logger.info("evaluator: %.2fM parameters, %d sources, %d validation images",
                 sum(p.numel() for p in net.parameters()) / 1e6, len(bank), len(val_rows))
 
@@ -230,7 +255,10 @@ def run_evaluator(cfg: EvaluatorStageConfig, resume: bool) -> int:
                  "background": torch.randint(len(bank.backgrounds), (len(idx),), generator=g)}
             clash = (torch.stack([y["size"], y["position"], y["background"]], 1) == held[idx]).all(1)
             y["background"] = torch.where(clash, (y["background"] + 1) % len(bank.backgrounds), y["background"])
-            x = augment(bank.compose(idx, y["size"], y["position"], y["background"]), cfg.augment, g)
+            x = bank.compose(idx, y["size"], y["position"], y["background"])
+            if cfg.vae_prob > 0:
+                x = _vae_some(x, vae, cfg.vae_prob, g)
+            x = augment(x, cfg.augment, g)
         y["concept"], y["style"] = src_concept[idx], src_style[idx]
         logits, _ = m(x)
         terms = {h: F.cross_entropy(logits[h].float(), y[h], label_smoothing=cfg.label_smoothing) for h in HEADS}
@@ -245,7 +273,6 @@ def run_evaluator(cfg: EvaluatorStageConfig, resume: bool) -> int:
     # a validation image is a new composition of a render the prototypes were built from.
     counts = {h: len(v) for h, v in labels.items()}
     protos = _imprint(ema, bank, src_concept, src_style, counts, cfg.imprint_compositions)
-    vae = _imprint_vae(cfg.imprint_vae)
     if vae is not None:  # second view of every render: as the base model's VAE gives it back
         protos = torch.cat([protos, _imprint(ema, bank, src_concept, src_style, counts, 1, vae=vae)], dim=1)
     candidates = {"classifier": ema}
@@ -262,22 +289,72 @@ def run_evaluator(cfg: EvaluatorStageConfig, resume: bool) -> int:
     head = max(candidates, key=lambda k: (scores[k]["concept"], scores[k]["style"]))
     best = candidates[head]
     metrics["heads"] = head
+    metrics["render_top1_val"] = render_top1(ema, protos, val_images, val_labels, len(STYLES))
     metrics["val_all"] = evaluate_heads(best, val_images, val_labels)
     for split in ("train", "heldout_concept", "heldout_style"):
         keep = torch.tensor([r["split"] == split for r in val_rows])
         metrics[f"val_{split}"] = evaluate_heads(best, val_images[keep], {h: v[keep] for h, v in val_labels.items()})
     if vae is not None:  # how the shipped heads read decoded images: 512 validation images
         pick = torch.randperm(len(val_rows), generator=torch.Generator().manual_seed(0))[:512]
+        if cfg.world:  # a world's validation set is small: read all of it through the VAE
+            pick = torch.arange(len(val_rows))
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             rec = vae.decode(vae.encode(_to_float(val_images[pick])).latent_dist.mean).sample.float()
         rec = to_uint8(rec).movedim(-1, -3)  # channels first, like the stored images
         metrics["val_vae_reconstructed_512"] = evaluate_heads(best, rec, {h: v[pick] for h, v in val_labels.items()})
+        metrics["render_top1_val_vae"] = render_top1(ema, protos, rec, {h: v[pick] for h, v in val_labels.items()},
+                                                       len(STYLES))
     out = Path(cfg.export_dir) if cfg.export_dir else ASSETS / "evaluator"
     names = {c["key"]: c["name"] for c in concepts}
     save_evaluator(best, labels, out, names, {"config": to_dict(cfg), "metrics": metrics})
     write_json_atomic(work / "metrics.json", metrics)
     logger.info("evaluator validation: %s", json.dumps(metrics))
     return 0
+
+
+@torch.no_grad()
+def render_top1(net: EvaluatorNet, protos: torch.Tensor, images: torch.Tensor, labels: dict[str, torch.Tensor],
+                s: int) -> float:
+    """Instance-level identity: the share of images whose nearest render prototype is their own
+    render (concept AND style: the same apple by another artist is another render).
+    ``protos`` [C, V * S, D] holds V views (composite, VAE round trip) of each of the S styles' renders."""
+    net.eval()
+    c, vs, d = protos.shape
+    hits = []
+    for start in range(0, len(images), 512):
+        emb = net(_to_float(images[start : start + 512]))[1]
+        sims = (emb @ protos.reshape(c * vs, d).t()).view(len(emb), c, vs // s, s).amax(dim=2)  # [B, C, S]
+        best = sims.flatten(1).argmax(dim=1)
+        truth = labels["concept"][start : start + 512] * s + labels["style"][start : start + 512]
+        hits.append(best == truth)
+    return float(torch.cat(hits).float().mean()) if hits else 0.0
+
+
+def _init_trunk(net: EvaluatorNet, folder: str) -> None:
+    """Load the weights of an exported evaluator whose shapes match (the trunk; a head for another
+    number of classes keeps its fresh init)."""
+    from safetensors.torch import load_file
+
+    path = ASSETS / "evaluator" if folder == "evaluator" else Path(folder)
+    if not (path / "model.safetensors").exists():
+        raise DatencoderError(f"init_from={folder}: no model.safetensors in {path}")
+    own = net.state_dict()
+    state = {k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()
+             if k in own and own[k].shape == v.shape}
+    net.load_state_dict(state, strict=False)
+    logger.info("evaluator initialised from %s (%d of %d tensors)", path, len(state), len(own))
+
+
+@torch.no_grad()
+def _vae_some(x: torch.Tensor, vae, prob: float, gen: torch.Generator) -> torch.Tensor:
+    """x with a ``prob`` share of its images replaced by their VAE round trip (posterior mean)."""
+    pick = (torch.rand(len(x), generator=gen) < prob).nonzero().flatten()
+    if len(pick):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rec = vae.decode(vae.encode(x[pick]).latent_dist.mean).sample.float().clamp(-1, 1)
+        x = x.clone()
+        x[pick] = rec
+    return x
 
 
 def _imprint_vae(path: str):
