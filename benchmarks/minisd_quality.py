@@ -132,7 +132,8 @@ def judge(evaluator, images: list[Image.Image], specs: list[dict], worlds: dict[
 
 
 def evaluator_validation(evaluator, root: Path) -> dict:
-    rows = [r for r in read_rows(root) if composition_index(r) == 3]
+    # a world's evaluator knows only the world's concepts: it is validated on those
+    rows = [r for r in read_rows(root) if composition_index(r) == 3 and r["concept"] in evaluator.index["concept"]]
     images = load_rows_uint8(root, rows).float() / 127.5 - 1
     logits, _ = evaluator.logits(images)
     out = {}
