@@ -107,3 +107,21 @@ def test_among_world_ranks_count_only_the_worlds_concepts():
                {"concept": "b", "world_ranks": {}}]
     big = q.world_score(records, "big", worlds["big"])
     assert big["n"] == 2 and big["top1"] == 0.5 and big["top5"] == 1.0 and big["mean_rank"] == 0.5
+
+
+def test_the_world_evaluator_ships_and_reads_the_demo_concepts_in_the_unseen_style():
+    from PIL import Image
+
+    from datencoder.emoji.data import compose
+    from datencoder.emoji.evaluator import load_evaluator
+    from datencoder.io import ASSETS
+
+    evaluator = load_evaluator("evaluator_world")
+    assert len(evaluator.labels["concept"]) == 128
+    images, keys = [], []
+    for file, key in (("red_apple", "1f34e"), ("duck", "1f986"), ("castle", "1f3f0"), ("saxophone", "1f3b7")):
+        source = Image.open(ASSETS / "demo" / f"{file}.png").convert("RGBA")
+        for size, position, background in (("medium", "center", "blue"), ("small", "top left", "white")):
+            images.append(compose(source, size, position, background)[0])
+            keys.append(key)
+    assert evaluator.predict(images)["concept"]["labels"] == keys

@@ -303,9 +303,15 @@ def save_evaluator(net: EvaluatorNet, labels: dict[str, list[str]], out_dir: str
     return out
 
 
+SHIPPED_EVALUATORS = ("evaluator", "evaluator_world")
+
+
 def load_evaluator(path: str | Path | None = None) -> Evaluator:
-    """Load the shipped evaluator (``assets/evaluator``) or one saved with ``save_evaluator``."""
+    """Load the shipped evaluator (``assets/evaluator``), the world's (``"evaluator_world"``: the
+    world's concepts, read through the base's VAE) or one saved with ``save_evaluator``."""
     folder = Path(path) if path is not None else DEFAULT_DIR
+    if path is not None and str(path) in SHIPPED_EVALUATORS:
+        folder = DEFAULT_DIR.parent / str(path)
     weights, cfg_file = folder / "model.safetensors", folder / "config.json"
     if not weights.exists() or not cfg_file.exists():
         raise DatencoderError(
