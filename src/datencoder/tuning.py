@@ -4,7 +4,8 @@ METHOD.md, "Tuning": the embedding v and the low-rank factors, initialised from 
 are optimised with Adam for N <= 12 steps on a batch of augmented copies of the image, with
 the dual path on. With ``tune.tune_heads`` copies of the encoder's embedding head and of the
 hypernetwork's per-sample maps (``TuningEncoder.tunable_heads``) are tuned instead, on the image's
-fixed trunk features, and v and the factors are their output. With 0 steps the result is exactly the encoder's prediction.
+fixed trunk features, and v and the factors are their output. With 0 steps the result is exactly
+the encoder's prediction.
 
 ``optimise_on_image`` is the one step loop on one image; the baselines (Textual Inversion,
 DreamBooth-LoRA, ``eval/baselines.py``) run it too, so every method is optimised alike.
