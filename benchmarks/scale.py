@@ -140,6 +140,68 @@ def _tokenizer(vocab_size: int):
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=77)
 
 
+def _unet_kwargs(spec: dict) -> dict:
+    unet = {"down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, **spec["unet"]}
+    return {"in_channels": 4, "out_channels": 4, **unet}
+
+
+def meta_unet(arch: str):
+    """The architecture's UNet on the meta device: every shape, no memory (``--count-heads``)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        if arch == "minisd":  # the embedded default base's own config
+            from datencoder.io import ASSETS
+
+            config = json.loads((ASSETS / "minisd-emoji" / "unet" / "config.json").read_text())
+            return UNet2DConditionModel.from_config(config)
+        return UNet2DConditionModel(**_unet_kwargs(ARCHS[arch]))
+
+
+def head_counts(modes=("factorized", "core", "full")) -> list[dict]:
+    """Hypernetwork weights per mode at each base's shipped encoder settings (minisd-emoji:
+    minisd_encoder.yaml; SD 1.5 and SDXL: sd15.yaml, as the stages here use), counted from the
+    meta-device UNet's shapes; ``refused``: the size limit (``encoder.max_head_fraction``) refuses it."""
+    from datencoder.attention import target_layer_shapes
+    from datencoder.config import load_config
+    from datencoder.encoder import check_head_size, head_weight_counts
+    from datencoder.errors import DatencoderError
+    from datencoder.hypernetwork import TUNED_BY_HEADS
+
+    rows = []
+    for arch, config in (("minisd", "minisd_encoder"), ("sd15", "sd15"), ("sdxl", "sd15")):
+        unet = meta_unet(arch)
+        unet_weights = sum(p.numel() for p in unet.parameters())
+        for mode in modes:
+            enc = dataclasses.replace(load_config(config).encoder, hypernet_mode=mode)
+            shapes = target_layer_shapes(unet, enc.targets, enc.attention_kinds)
+            counts = head_weight_counts(enc, shapes)
+            total = sum(counts.values())
+            try:
+                check_head_size(enc, shapes, unet_weights)
+                refused = False
+            except DatencoderError:
+                refused = True
+            embedding_head = (enc.hidden_dim + 1) * unet.config.cross_attention_dim  # token width(s)
+            rows.append({"base": arch, "unet_weights": unet_weights, "mode": mode, "hidden_dim": enc.hidden_dim,
+                         "rank": enc.rank, "layers": len(shapes), "hypernetwork_weights": total,
+                         "fraction": total / unet_weights, "refused": refused,
+                         "tune_heads_weights": embedding_head + sum(counts[p] for p in TUNED_BY_HEADS[mode])})
+    return rows
+
+
+def _head_table(rows: list[dict]) -> str:
+    lines = ["| base | UNet weights | mode | hidden | layers | hypernetwork weights | % of UNet | size limit | "
+             "tune_heads tunes |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['base']} | {r['unet_weights']:,} | {r['mode']} | {r['hidden_dim']} | {r['layers']} | "
+                     f"{r['hypernetwork_weights']:,} | {100 * r['fraction']:.2f} % | "
+                     f"{'refused' if r['refused'] else 'passes'} | {r['tune_heads_weights']:,} |")
+    return "\n".join(lines) + "\n"
+
+
 def build_model(root: Path, arch: str) -> Path:
     """Write the random model folder (diffusers layout plus image_tower/); skipped when present."""
     if (root / "model_index.json").is_file():
@@ -156,15 +218,12 @@ def build_model(root: Path, arch: str) -> Path:
         return cls(CLIPTextConfig(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id,
                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **widths))
 
-    unet_spec = dict(spec["unet"])
-    down = unet_spec.pop("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",))
-    up = unet_spec.pop("up_block_types", ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
     vae_spec = {"scaling_factor": 0.18215, **spec["vae"]}
     if "text_2" in spec:
         # SDXL at full size is 10 GB of fp32 weights: built and saved in bf16 (load_base casts to
         # the dtype asked for), so building fits beside other work on a 24 GB machine.
         torch.set_default_dtype(torch.bfloat16)
-    unet = UNet2DConditionModel(in_channels=4, out_channels=4, down_block_types=down, up_block_types=up, **unet_spec)
+    unet = UNet2DConditionModel(**_unet_kwargs(spec))
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, **vae_spec)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -222,7 +281,7 @@ def measure(model: str, arch: str, stage: str, option: str, batch: int, args) ->
     dtype = option.split("+")[0]
     ckpt = option.endswith("+ckpt")
     cfg = load_config(ARCHS[arch]["config"], [f"model.pretrained={model}", "model.image_tower=null",
-                                              *ARCHS[arch]["encoder"]])
+                                              *ARCHS[arch]["encoder"], *_mode_overrides(args.hypernet_mode)])
     base = load_base(model, torch_dtype=dtype, device=device, with_image_tower=stage != "generate")
     if ckpt:
         base.unet.enable_gradient_checkpointing()
@@ -253,7 +312,14 @@ def measure(model: str, arch: str, stage: str, option: str, batch: int, args) ->
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _vm_hwm_mb()
     return {"seconds": round(seconds, 2), "cpu_seconds": round(time.process_time() - cpu_start, 2), "peak_mb": round(peak), "process_peak_mb": round(max(load_peak, _vm_hwm_mb())),
-            "finite": finite, "status": "measured"}
+            "finite": finite, "status": "measured", "hypernet_mode": cfg.encoder.hypernet_mode}
+
+
+def _mode_overrides(mode: str | None) -> list[str]:
+    """``--hypernet-mode``: the encoder's hypernetwork; ``full`` lifts the size limit it would fail."""
+    if mode is None:
+        return []
+    return [f"encoder.hypernet_mode={mode}", *(["encoder.max_head_fraction=null"] if mode == "full" else [])]
 
 
 def _random_factors(unet, cfg, gen) -> dict:
@@ -383,7 +449,12 @@ def _table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder for model/, results.jsonl and table.md")
+    parser.add_argument("--out", default=None, help="folder for model/, results.jsonl and table.md (required)")
+    parser.add_argument("--count-heads", action="store_true",
+                        help="print the hypernetwork's weights per mode at minisd-emoji, SD 1.5 and SDXL shapes "
+                             "(meta device: no memory, seconds) and stop")
+    parser.add_argument("--hypernet-mode", default=None, choices=("factorized", "core", "full"),
+                        help="the encoder's encoder.hypernet_mode (default: the config's, factorized)")
     parser.add_argument("--model", default=None, help="an existing model folder (default: build OUT/model)")
     parser.add_argument("--arch", default="sd15", choices=("sd15", "sdxl"),
                         help="sd15 (512 px, default) or sdxl (1024 px, two text encoders)")
@@ -403,6 +474,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-process", action="store_true", help="measure in this process (tests; peaks not per phase)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.count_heads:
+        print(_head_table(head_counts()), end="")
+        return 0
+    if args.out is None:
+        parser.error("--out is required")
     arch = ("quick_" + args.arch if args.arch != "sd15" else "quick") if args.quick else args.arch
     if args.child:  # a measurement subprocess: print one JSON line
         job = json.loads(args.child)
@@ -442,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
             limit = args.max_rss_gb or _mem_available_gb() - 2.0
             job = json.dumps({"model": model, "stage": stage, "option": option, "batch": batch})
             child = ["--child", job, "--out", str(out), "--device", args.device, "--threads", str(args.threads),
-                     "--tune-steps", str(args.tune_steps), "--sample-steps", str(args.sample_steps)]
+                     "--tune-steps", str(args.tune_steps), "--sample-steps", str(args.sample_steps),
+                     *(["--hypernet-mode", args.hypernet_mode] if args.hypernet_mode else [])]
             row.update(_run_child(child + ["--arch", args.arch] + (["--quick"] if args.quick else []), limit))
         rows.append(row)
         with (out / "results.jsonl").open("a") as handle:

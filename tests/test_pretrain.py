@@ -100,7 +100,7 @@ def _config_classes() -> dict[str, type]:
         "minisd_encoder_no_contrastive.yaml": Config, "minisd_encoder_no_hypernet.yaml": Config,
         "minisd_encoder_full_hypernet.yaml": Config, "minisd_encoder_apart.yaml": Config,
         "minisd_encoder_distinct.yaml": Config, "minisd_encoder_captioned.yaml": Config,
-        "minisd_encoder_full_distinct.yaml": Config,
+        "minisd_encoder_full_distinct.yaml": Config, "minisd_encoder_factorized.yaml": Config,
         "minisd_e4t_animals.yaml": Config, "eval_minisd.yaml": EvalConfig, "eval_minisd_fixed.yaml": EvalConfig,
     }
 
@@ -122,6 +122,7 @@ def test_encoder_ablation_configs_differ_from_the_main_one_only_where_they_say()
     expected = {"minisd_encoder_no_contrastive.yaml": {("loss", "contrastive_weight")},
                 "minisd_encoder_no_hypernet.yaml": {("encoder", "use_hypernetwork")},
                 "minisd_encoder_full_hypernet.yaml": {("encoder", "hypernet_mode")},
+                "minisd_encoder_factorized.yaml": {("encoder", "hypernet_mode")},
                 "minisd_encoder_apart.yaml": {("loss", "predicted_negatives")},
                 "minisd_encoder_distinct.yaml": {("loss", "predicted_negatives"), ("loss", "distinct_positives")},
                 "minisd_encoder_captioned.yaml": {("data", "templates"), ("data", "hflip"), ("tune", "templates")},
@@ -132,6 +133,14 @@ def test_encoder_ablation_configs_differ_from_the_main_one_only_where_they_say()
         differ = {(section, key) for section, values in main.items() if isinstance(values, dict)
                   for key in values if values[key] != other[section][key]}
         assert differ - {("train", "output_dir")} == keys, name
+
+
+def test_configs_that_do_not_pin_a_recorded_design_use_the_default_hypernetwork():
+    from datencoder.config import EncoderConfig
+
+    for name in ("sd15.yaml", "tiny.yaml", "minisd_encoder_factorized.yaml"):
+        mode = load_config(shipped_configs_dir() / name).encoder.hypernet_mode
+        assert mode == EncoderConfig().hypernet_mode == "factorized", name
 
 
 def test_cli_pretrain_writes_an_encoder(tiny_base_dir, image_dir, tmp_path):

@@ -116,9 +116,18 @@ class EncoderConfig:
     trunk_layers: int = 2
     timestep_dim: int = 128
     use_hypernetwork: bool = True
-    hypernet_mode: str = "core"
-    """'core': a per-sample r x r core on a learned per-layer basis (B = U M(x), A fixed); 'full':
-    per-sample A and B themselves (far more weights; see hypernetwork.py)."""
+    hypernet_mode: str = "factorized"
+    """'factorized': per-sample A and B in learned per-layer subspaces from a small per-sample code
+    (A = A_l + P_l(c) V_l, B = U_l Q_l(c)); 'core': a per-sample r x r core on a learned per-layer
+    basis (B = U M(x), A fixed); 'full': per-sample A and B from linear heads (hidden x r x
+    sum(in + out) weights: refused at scale by max_head_fraction). See hypernetwork.py."""
+    basis_dim: int = 16
+    """'factorized': width k of each layer's bases V_l [k, in] and U_l [out, k]."""
+    code_dim: int = 128
+    """'factorized': width d of the per-sample code the per-layer maps read."""
+    max_head_fraction: float | None = 0.05
+    """Refuse, before allocating it, a hypernetwork with more weights than this fraction of the
+    UNet's parameters (but always allow 16 M: small bases); null: no limit."""
     rank: int = 4
     targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     """Attention projections that receive low-rank offsets."""
@@ -128,13 +137,14 @@ class EncoderConfig:
     """Timestep of the denoiser features when predicting for a new image; None = T // 2."""
 
     def __post_init__(self) -> None:
-        check_range(self, "encoder", ">= 1", "trunk_layers", "rank", "hidden_dim", "timestep_dim")
+        check_range(self, "encoder", ">= 1", "trunk_layers", "rank", "hidden_dim", "timestep_dim", "basis_dim",
+                    "code_dim")
+        check_range(self, "encoder", "> 0", "max_head_fraction")
         check_range(self, "encoder", ">= 0", "inference_timestep")
         check_range(self, "encoder", "finite", "lora_scale")
         if not self.targets or not self.attention_kinds:
             raise DatencoderError("encoder.targets and encoder.attention_kinds must not be empty")
-        if self.hypernet_mode not in ("core", "full"):
-            raise DatencoderError(f"encoder.hypernet_mode must be 'core' or 'full', got {self.hypernet_mode!r}")
+        check_choice(self, "encoder", "hypernet_mode", ("factorized", "core", "full"))
         bad = [k for k in self.attention_kinds if k not in ("self", "cross")]
         if bad:
             raise DatencoderError(f"encoder.attention_kinds may hold 'self' and 'cross', got {bad}")
@@ -280,9 +290,10 @@ class TuneConfig:
     tune_embedding: bool = True
     tune_lora: bool = True
     tune_heads: bool = False
-    """Tune (a copy of) the encoder's embedding head and hypernetwork on the image's fixed trunk
-    features instead of v and the factors directly (METHOD.md: "optionally also the encoder's heads");
-    tune_embedding / tune_lora then pick the embedding head / the hypernetwork."""
+    """Tune copies of the encoder's embedding head and of the hypernetwork's per-sample maps
+    (hypernetwork.TUNED_BY_HEADS) on the image's fixed trunk features instead of v and the factors
+    directly (METHOD.md: "optionally also the encoder's heads"); tune_embedding / tune_lora then
+    pick the embedding head / the hypernetwork."""
     lr_heads: float = 1e-4
     seed: int = 0
     gradient_checkpointing: bool = False

@@ -17,7 +17,7 @@ from .attention import target_layer_shapes
 from .base import BaseModel, load_base
 from .conditioning import text_vocabulary
 from .config import Config, from_dict, to_dict
-from .encoder import EncoderOutput, TuningEncoder
+from .encoder import EncoderOutput, TuningEncoder, check_head_size
 from .features import FeatureExtractor
 from .io import ASSETS, check_base, load_tensors, read_json, save_tensors_atomic, write_json_atomic
 from .objective import NoisyLatents, Objective
@@ -57,6 +57,9 @@ def resolve_encoder(name: str | Path) -> Path:
 
 class EncoderSystem:
     def __init__(self, base: BaseModel, cfg: Config, encoder: TuningEncoder | None = None):
+        shapes = target_layer_shapes(base.unet, cfg.encoder.targets, cfg.encoder.attention_kinds)
+        if encoder is None:  # a hypernetwork past the size limit is refused before anything is built
+            check_head_size(cfg.encoder, shapes, sum(p.numel() for p in base.unet.parameters()))
         self.base = base
         self.cfg = cfg
         # the real-word table is taken before the placeholder is added, so S* is never a neighbour
@@ -64,11 +67,8 @@ class EncoderSystem:
         self.token_id = prepare_base(base, cfg.model.token).token_id
         self.features = FeatureExtractor(base, cfg.encoder)
         if encoder is None:
-            encoder = TuningEncoder(
-                cfg.encoder, self.features.width, self.vocab_table.shape[1],
-                target_layer_shapes(base.unet, cfg.encoder.targets, cfg.encoder.attention_kinds),
-                init_embedding=self.vocab_table.mean(0),
-            )
+            encoder = TuningEncoder(cfg.encoder, self.features.width, self.vocab_table.shape[1], shapes,
+                                    init_embedding=self.vocab_table.mean(0))
         # the encoder and its heads follow the base's device but stay fp32 (trainable; autocast may
         # run their matmuls in half precision, their weights and optimizer state stay fp32)
         self.encoder = encoder.to(device=self.device)
@@ -142,6 +142,8 @@ class EncoderSystem:
         meta = read_json(directory / f"{KIND}.json", KIND)
         state = load_tensors(directory / f"{KIND}.safetensors", KIND)
         cfg_data = meta["config"]
+        # encoders saved before encoder.hypernet_mode existed are all the shared-basis design
+        cfg_data.setdefault("encoder", {}).setdefault("hypernet_mode", "core")
         for section, values in (overrides or {}).items():
             cfg_data[section] = {**cfg_data.get(section, {}), **values}
         cfg = from_dict(Config, cfg_data)

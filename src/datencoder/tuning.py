@@ -2,9 +2,10 @@
 
 METHOD.md, "Tuning": the embedding v and the low-rank factors, initialised from the encoder,
 are optimised with Adam for N <= 12 steps on a batch of augmented copies of the image, with
-the dual path on. With ``tune.tune_heads`` a copy of the encoder's embedding head and
-hypernetwork is tuned instead, on the image's fixed trunk features, and v and the factors are
-its output. With 0 steps the result is exactly the encoder's prediction.
+the dual path on. With ``tune.tune_heads`` copies of the encoder's embedding head and of the
+hypernetwork's per-sample maps (``TuningEncoder.tunable_heads``) are tuned instead, on the image's
+fixed trunk features, and v and the factors are their output. With 0 steps the result is exactly
+the encoder's prediction.
 
 ``optimise_on_image`` is the one step loop on one image; the baselines (Textual Inversion,
 DreamBooth-LoRA, ``eval/baselines.py``) run it too, so every method is optimised alike.
@@ -12,7 +13,6 @@ DreamBooth-LoRA, ``eval/baselines.py``) run it too, so every method is optimised
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import resource
@@ -123,16 +123,16 @@ def _personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig, gen: t
     cfg = system.cfg
     start = time.perf_counter()
     features = system.predict_features(pixels.unsqueeze(0), gen)
-    heads, h = None, None
+    encoder, heads, h = system.encoder, None, None
     with torch.no_grad():
         if tune.tune_heads:
-            # a copy (only when there is something to tune): the shared encoder serves every other
-            # image unchanged
-            heads = copy.deepcopy(system.encoder) if tune.steps > 0 else system.encoder
-            h = heads.hidden(*features)  # [1, hidden]: the image's features stay fixed
-            pred = heads.heads(h)
+            # copies of the tuned tensors only (encoder.tunable_heads): the shared encoder serves
+            # every other image unchanged
+            heads = encoder.tunable_heads(tune.tune_embedding, tune.tune_lora) if tune.steps > 0 else {}
+            h = encoder.hidden(*features)  # [1, hidden]: the image's features stay fixed
+            pred = encoder.heads(h)
         else:
-            pred = system.encoder(*features)
+            pred = encoder(*features)
     embedding = pred.embedding.detach().clone()  # [1, D]
     factors = {k: (A.detach().clone(), B.detach().clone()) for k, (A, B) in pred.factors.items()}
     predicted = time.perf_counter()
@@ -140,13 +140,8 @@ def _personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig, gen: t
     if tune.steps > 0:
         groups = []
         if heads is not None:
-            heads.requires_grad_(False)
-            if tune.tune_embedding:
-                groups.append({"params": list(heads.embedding_head.requires_grad_().parameters()),
-                               "lr": tune.lr_heads})
-            if tune.tune_lora:
-                groups.append({"params": list(heads.hypernetwork.requires_grad_().parameters()),
-                               "lr": tune.lr_heads})
+            if heads:
+                groups.append({"params": list(heads.values()), "lr": tune.lr_heads})
         else:
             embedding.requires_grad_(tune.tune_embedding)
             if tune.tune_embedding:
@@ -157,7 +152,7 @@ def _personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig, gen: t
         optimizer = torch.optim.Adam(groups) if groups else None
         if heads is not None:
             def trainables():
-                out = heads.heads(h)
+                out = encoder.heads(h, heads)
                 return out.embedding, out.factors
         else:
             def trainables():
@@ -166,7 +161,7 @@ def _personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig, gen: t
                           tuning_data(cfg), trainables, cfg.dual_path.enabled, optimizer, gen, callback)
         if heads is not None:
             with torch.no_grad():
-                out = heads.heads(h)
+                out = encoder.heads(h, heads)
             embedding, factors = out.embedding, out.factors
     done = time.perf_counter()
 
