@@ -40,12 +40,16 @@ if TYPE_CHECKING:  # diffusers/transformers import in seconds; load them only wh
     from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["BaseModel", "load_base", "base_fingerprint", "check_family", "DEFAULT_BASE", "SUPPORTED_PIPELINES",
+__all__ = ["BaseModel", "load_base", "base_fingerprint", "check_family", "DEFAULT_BASE", "SHIPPED_BASES",
+           "SUPPORTED_PIPELINES",
            "DTYPES", "resolve_device", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE = "minisd-emoji"
+SHIPPED_BASES = (DEFAULT_BASE, "minisd-emoji-v1")
+"""Embedded bases, by name: the default (trained to draw the world's concepts) and v1, the
+1,852-concept base the shipped encoders were pre-trained on (kept until encoders for the default exist)."""
 _SUBFOLDERS = ("unet", "vae", "scheduler", "tokenizer", "text_encoder")
 _LAYOUT_HINT = "pass a local diffusers folder (unet/, vae/, scheduler/, tokenizer/, text_encoder/)"
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -284,11 +288,11 @@ def check_family(root: Path, name: str) -> None:
 def _resolve(pretrained: str) -> tuple[Path | str, bool]:
     """Map the user's name to a local folder (True) or a hub id (False)."""
     pretrained = str(pretrained)
-    if pretrained == DEFAULT_BASE:
-        root = ASSETS / DEFAULT_BASE
+    if pretrained in SHIPPED_BASES:
+        root = ASSETS / pretrained
         if not (root / "unet").is_dir():
             raise DatencoderError(
-                f"the embedded base model '{DEFAULT_BASE}' is not installed ({root} is missing); "
+                f"the embedded base model '{pretrained}' is not installed ({root} is missing); "
                 f"train it with `datencoder minisd` or {_LAYOUT_HINT}"
             )
         return root, True
@@ -503,7 +507,7 @@ def load_base(pretrained: str = DEFAULT_BASE, image_tower: str | None = None, *,
     name = str(pretrained)
     torch_dtype = resolve_dtype(torch_dtype)
     root, local = _resolve(name)
-    if local and name != DEFAULT_BASE:
+    if local and name not in SHIPPED_BASES:
         name = str(Path(root).resolve())  # recorded in artifacts: must not depend on the working directory
     spec = _read_base_json(root, local)
     tower_src = None

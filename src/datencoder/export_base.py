@@ -25,7 +25,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from .base import DEFAULT_BASE, BaseModel, _read_base_json, _resolve
+from .base import DEFAULT_BASE, SHIPPED_BASES, BaseModel, _read_base_json, _resolve
 from .io import atomic_dir, write_text_atomic
 from .errors import DatencoderError
 
@@ -104,10 +104,10 @@ def load_code(base_name: str, sdxl: bool = False) -> list[str]:
     text_src = f"{text_pkg}.get_model_path()" if text_pkg else "base + '/text_encoder'"
     tok_src = f"{tok['python_package']}.get_model_path()" if tok.get("python_package") else "base + '/tokenizer'"
     length = f", model_max_length={int(tok['model_max_length'])}" if "model_max_length" in tok else ""
-    if base_name == DEFAULT_BASE:  # inside the installed package: found without importing datencoder
+    if base_name in SHIPPED_BASES:  # inside the installed package: found without importing datencoder
         imports = ["import importlib.util", "import os"]
         where = ["package = importlib.util.find_spec('datencoder').submodule_search_locations[0]",
-                 f"base = os.path.join(package, 'assets', {DEFAULT_BASE!r})"]
+                 f"base = os.path.join(package, 'assets', {base_name!r})"]
     else:
         imports, where = [], [f"base = {str(Path(root).resolve())!r}"]
     return [

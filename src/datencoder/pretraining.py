@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .base import DEFAULT_BASE, load_base
+from .base import SHIPPED_BASES, load_base
 from .config import Config, to_dict
 from .dataset import ImageFolderDataset
 from .errors import DatencoderError
@@ -97,7 +97,7 @@ def pretrain(cfg: Config, resume: bool = False, max_steps: int | None = None,
     check_output(out, "train.output_dir")
     for key in ("pretrained", "image_tower"):  # the saved encoder must not depend on the working directory
         value = getattr(cfg.model, key)
-        if value and value != DEFAULT_BASE and Path(value).expanduser().is_dir():
+        if value and value not in SHIPPED_BASES and Path(value).expanduser().is_dir():
             setattr(cfg.model, key, str(Path(value).expanduser().resolve()))
 
     loop = tc.loop(cfg.data.num_workers)
