@@ -239,7 +239,8 @@ def test_shipped_encoder_has_a_name(world, capsys, tmp_path):
     out = tmp_path / "c"
     _ok(capsys, ["personalize", world["image"], "--out", out, "--steps", "0"])  # no --encoder: the shipped one
     meta = json.loads((out / "concept.json").read_text())
-    assert meta["base"]["name"] == "minisd-emoji" and meta["info"]["encoder"] == str(DEFAULT_ENCODER_DIR)
+    # the shipped encoders were pre-trained on v1, which stays loadable by name beside the default
+    assert meta["base"]["name"] == "minisd-emoji-v1" and meta["info"]["encoder"] == str(DEFAULT_ENCODER_DIR)
 
 
 def test_shipped_encoders_by_name_and_the_ship_script(world, tmp_path):
