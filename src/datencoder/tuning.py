@@ -181,6 +181,7 @@ def _personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig, gen: t
         factors={k: (A.detach()[0].cpu().clone(), B.detach()[0].cpu().clone()) for k, (A, B) in factors.items()},
         hard_word=hard_word, placeholder=cfg.model.placeholder, token=cfg.model.token,
         blend_self=dp.blend_self if dp.enabled else 1.0, blend_cross=dp.blend_cross if dp.enabled else 1.0,
+        pooled=dp.pooled,
         scale=cfg.encoder.lora_scale, base={"name": system.base.name, "fingerprint": system.base.fingerprint},
         config=to_dict(cfg), info={**(info or {}), **timings}, token_dims=system.base.token_dims,
     )
