@@ -29,7 +29,7 @@ class EncoderOutput:
 
 class TuningEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig, feature_width: int, token_dim: int,
-                 layer_shapes: dict[str, tuple[int, int]], init_embedding: Tensor | None = None):
+                 layer_shapes: dict[str, tuple[int, int]], init_embedding: Tensor | None = None, seed: int = 0):
         super().__init__()
         self.cfg = cfg
         self.feature_width = feature_width
@@ -47,7 +47,7 @@ class TuningEncoder(nn.Module):
             if init_embedding is not None:
                 self.embedding_head.bias.copy_(init_embedding)
         self.hypernetwork = Hypernetwork(layer_shapes, cfg.hidden_dim, cfg.rank, predict=cfg.use_hypernetwork,
-                                         mode=cfg.hypernet_mode)
+                                         mode=cfg.hypernet_mode, seed=seed)
 
     def hidden(self, features: Tensor, timesteps: Tensor) -> Tensor:
         """The trunk's output h: [N, feature_width], [N] -> [N, hidden]."""

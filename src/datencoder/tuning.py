@@ -183,5 +183,7 @@ def _personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig, gen: t
         blend_self=dp.blend_self if dp.enabled else 1.0, blend_cross=dp.blend_cross if dp.enabled else 1.0,
         pooled=dp.pooled,
         scale=cfg.encoder.lora_scale, base={"name": system.base.name, "fingerprint": system.base.fingerprint},
-        config=to_dict(cfg), info={**(info or {}), **timings}, token_dims=system.base.token_dims,
+        # the settings it was tuned with: ``tune`` (the call's) may differ from the system's cfg.tune
+        config={**to_dict(cfg), "tune": to_dict(tune)}, info={**(info or {}), **timings},
+        token_dims=system.base.token_dims,
     )
