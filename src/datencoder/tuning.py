@@ -15,8 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import resource
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -27,6 +25,7 @@ from torch import Tensor
 from .augment import augment_views
 from .concept import Concept
 from .config import DataConfig, TuneConfig, to_dict
+from .cost import cost_info, measure, peak_memory_mb
 from .dataset import template_fields
 from .errors import DatencoderError
 
@@ -83,13 +82,6 @@ def optimise_on_image(objective: Objective, base: BaseModel, pixels: Tensor, ste
             callback(step, {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}})
 
 
-def peak_memory_mb(device: torch.device | str = "cpu") -> float:
-    """Peak memory of this process: CUDA allocator peak on a GPU, max RSS on the CPU."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig | None = None,
                 callback: StepCallback | None = None, info: dict | None = None) -> Concept:
     """pixels: [3, H, W] in [-1, 1] at the base resolution -> a concept artifact.
@@ -118,10 +110,8 @@ def _gradient_checkpointing(unet, enabled: bool) -> Iterator[None]:
             unet.disable_gradient_checkpointing()
 
 
-def _personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig, gen: torch.Generator,
-                 callback: StepCallback | None, info: dict | None) -> Concept:
-    cfg = system.cfg
-    start = time.perf_counter()
+def _predict(system: EncoderSystem, pixels: Tensor, tune: TuneConfig, gen: torch.Generator):
+    """The encoder's prediction: (embedding [1, D], factors, the heads to tune or None, their input h)."""
     features = system.predict_features(pixels.unsqueeze(0), gen)
     heads, h = None, None
     with torch.no_grad():
@@ -135,44 +125,57 @@ def _personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig, gen: t
             pred = system.encoder(*features)
     embedding = pred.embedding.detach().clone()  # [1, D]
     factors = {k: (A.detach().clone(), B.detach().clone()) for k, (A, B) in pred.factors.items()}
-    predicted = time.perf_counter()
+    return embedding, factors, heads, h
 
-    if tune.steps > 0:
-        groups = []
-        if heads is not None:
-            heads.requires_grad_(False)
-            if tune.tune_embedding:
-                groups.append({"params": list(heads.embedding_head.requires_grad_().parameters()),
-                               "lr": tune.lr_heads})
-            if tune.tune_lora:
-                groups.append({"params": list(heads.hypernetwork.requires_grad_().parameters()),
-                               "lr": tune.lr_heads})
-        else:
-            embedding.requires_grad_(tune.tune_embedding)
-            if tune.tune_embedding:
-                groups.append({"params": [embedding], "lr": tune.lr_embedding})
-            if tune.tune_lora and factors:
-                lora = [t.requires_grad_() for pair in factors.values() for t in pair]
-                groups.append({"params": lora, "lr": tune.lr_lora})
-        optimizer = torch.optim.Adam(groups) if groups else None
-        if heads is not None:
-            def trainables():
-                out = heads.heads(h)
-                return out.embedding, out.factors
-        else:
-            def trainables():
-                return embedding, factors
-        optimise_on_image(system.objective, system.base, pixels, range(tune.steps), tune.batch_size,
-                          tuning_data(cfg), trainables, cfg.dual_path.enabled, optimizer, gen, callback)
-        if heads is not None:
-            with torch.no_grad():
-                out = heads.heads(h)
-            embedding, factors = out.embedding, out.factors
-    done = time.perf_counter()
+
+def _tune(system: EncoderSystem, pixels: Tensor, tune: TuneConfig, gen: torch.Generator,
+          callback: StepCallback | None, embedding: Tensor, factors: dict, heads, h):
+    """``tune.steps`` steps from the prediction; the tuned (embedding, factors)."""
+    cfg = system.cfg
+    groups = []
+    if heads is not None:
+        heads.requires_grad_(False)
+        if tune.tune_embedding:
+            groups.append({"params": list(heads.embedding_head.requires_grad_().parameters()),
+                           "lr": tune.lr_heads})
+        if tune.tune_lora:
+            groups.append({"params": list(heads.hypernetwork.requires_grad_().parameters()),
+                           "lr": tune.lr_heads})
+    else:
+        embedding.requires_grad_(tune.tune_embedding)
+        if tune.tune_embedding:
+            groups.append({"params": [embedding], "lr": tune.lr_embedding})
+        if tune.tune_lora and factors:
+            lora = [t.requires_grad_() for pair in factors.values() for t in pair]
+            groups.append({"params": lora, "lr": tune.lr_lora})
+    optimizer = torch.optim.Adam(groups) if groups else None
+    if heads is not None:
+        def trainables():
+            out = heads.heads(h)
+            return out.embedding, out.factors
+    else:
+        def trainables():
+            return embedding, factors
+    optimise_on_image(system.objective, system.base, pixels, range(tune.steps), tune.batch_size,
+                      tuning_data(cfg), trainables, cfg.dual_path.enabled, optimizer, gen, callback)
+    if heads is not None:
+        with torch.no_grad():
+            out = heads.heads(h)
+        embedding, factors = out.embedding, out.factors
+    return embedding, factors
+
+
+def _personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig, gen: torch.Generator,
+                 callback: StepCallback | None, info: dict | None) -> Concept:
+    cfg = system.cfg
+    with measure(system.device) as predicting:
+        embedding, factors, heads, h = _predict(system, pixels, tune, gen)
+    with measure(system.device) as tuning:
+        if tune.steps > 0:
+            embedding, factors = _tune(system, pixels, tune, gen, callback, embedding, factors, heads, h)
 
     hard_word = system.objective.hard_words(embedding.detach())[0]
-    timings = {"encoder_s": round(predicted - start, 4), "tuning_s": round(done - predicted, 4),
-               "steps": tune.steps, "peak_memory_mb": round(peak_memory_mb(pixels.device), 1)}
+    timings = {"steps": tune.steps, **cost_info(predicting, tuning)}
     log.debug("encoder %.2fs, %d tuning steps %.2fs, nearest word %r", timings["encoder_s"], tune.steps,
              timings["tuning_s"], hard_word)
     dp = cfg.dual_path
