@@ -269,6 +269,9 @@ class TrainConfig:
         if self.base_dtype not in ("fp32", "bf16", "fp16"):
             raise DatencoderError(f"train.base_dtype must be 'fp32', 'bf16' or 'fp16', got {self.base_dtype!r}")
         check_seed(self.seed, "train.seed")
+        if self.base_dtype == "fp16" and self.mixed_precision != "fp16":
+            raise DatencoderError("train.base_dtype=fp16 needs train.mixed_precision=fp16 (its loss scaling keeps the "
+                                  "gradients from underflowing); or use train.base_dtype=bf16")
         for key in ("steps", "checkpoint_every", "sample_concepts"):
             if getattr(self, key) < 1:
                 raise DatencoderError(f"train.{key} must be >= 1, got {getattr(self, key)}")

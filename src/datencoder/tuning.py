@@ -44,6 +44,13 @@ Trainables = Callable[[], tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]]
 step, so trained heads can recompute them from their parameters."""
 
 
+def check_tunable(base: BaseModel) -> None:
+    """Refuse to tune through a float16 base: without loss scaling its small gradients underflow."""
+    if base.dtype == torch.float16:
+        raise DatencoderError("tuning through a float16 base is not supported (no loss scaling: small gradients "
+                              "underflow); load the base in bf16 (--dtype bf16) or fp32")
+
+
 def tuning_data(cfg) -> DataConfig:
     """cfg.data with the tuning steps' templates (tune.templates when set)."""
     templates = cfg.tune.templates or cfg.data.templates
@@ -66,6 +73,8 @@ def optimise_on_image(objective: Objective, base: BaseModel, pixels: Tensor, ste
     ``steps`` numbers the steps for ``callback(step, {"loss": ..., term: ...})``; a continued run
     passes ``range(done, total)``.
     """
+    if optimizer is not None:
+        check_tunable(base)
     templates = data.templates
     for step in steps:
         embedding, factors = trainables()
@@ -91,6 +100,8 @@ def personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig | None =
     """
     cfg = system.cfg
     tune = tune or cfg.tune
+    if tune.steps > 0:
+        check_tunable(system.base)
     gen = torch.Generator().manual_seed(tune.seed)
     pixels = pixels.to(system.device, torch.float32)
     with _gradient_checkpointing(system.base.unet, tune.gradient_checkpointing):

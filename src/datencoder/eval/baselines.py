@@ -180,6 +180,11 @@ class MasterWeightsAdam:
         self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.params]
         self.inner = torch.optim.Adam(self.masters, lr=lr)
 
+    @property
+    def param_groups(self) -> list[dict]:
+        """The tensors Adam steps: the fp32 masters."""
+        return self.inner.param_groups
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
             p.grad = None
