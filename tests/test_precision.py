@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from datencoder.base import load_base
-from datencoder.config import Config, TrainConfig, TuneConfig, from_dict
+from datencoder.config import TrainConfig, TuneConfig
 from datencoder.errors import DatencoderError
 from datencoder.eval.baselines import (DreamBoothConfig, DreamBoothLoRAConfig, OptimisationRun, TextualInversionConfig,
                                        dreambooth_lora, dreambooth_unet, textual_inversion)
