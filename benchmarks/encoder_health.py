@@ -34,7 +34,8 @@ from datencoder.io import write_json_atomic, write_text_atomic  # noqa: E402
 from datencoder.health import embedding_health, hubness, label_purity  # noqa: E402
 from datencoder.image_io import image_to_tensor, load_image  # noqa: E402
 from datencoder.system import DEFAULT_ENCODER_DIR, EncoderSystem  # noqa: E402
-from datencoder.tokens import nearest_tokens, token_word  # noqa: E402
+from datencoder.conditioning import joint_unit, nearest_words  # noqa: E402
+from datencoder.tokens import token_word  # noqa: E402
 
 _STOP = {"and", "with", "the", "for", "of", "on", "in", "at", "to", "from", "face", "other"}
 """Words too generic to count as naming a concept ("face" would credit every smiley)."""
@@ -80,13 +81,14 @@ def measure(encoder_dir: Path, rows: list[dict], root: Path, key: str) -> tuple[
         return token_word(system.base.tokenizer, system.vocab_ids[j])
 
     words = [concept_words(r) for r in rows]
-    health = embedding_health(embeddings, system.vocab_table, word_of, words, k=5)
+    dims = system.base.token_dims
+    health = embedding_health(embeddings, system.vocab_table, word_of, words, k=5, dims=dims)
     table = system.vocab_table
     key_ = (tuple(table.shape), float(table.sum()))
     if key_ not in _HUBNESS:  # the same base for every encoder: computed once
-        _HUBNESS[key_] = hubness(table)
+        _HUBNESS[key_] = hubness(joint_unit(table, dims))
     scores = _HUBNESS[key_]
-    index, _ = nearest_tokens(embeddings, table, 5)
+    index, _ = nearest_words(embeddings, table, dims, 5)
     top = Counter(index[:, 0].tolist()).most_common(1)[0][0]  # as embedding_health's top word
     health["top_word_hub_share"] = round(float((scores > scores[top]).float().mean()), 4)
     if key == "file":  # composed images: does the word follow the background colour or the concept?

@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,7 +33,8 @@ from datencoder.base import load_base  # noqa: E402
 from datencoder.io import write_json_atomic  # noqa: E402
 from datencoder.config import load_config  # noqa: E402
 from datencoder.eval.config import EvalConfig  # noqa: E402
-from datencoder.eval.harness import personalize_with, reset_peak_memory  # noqa: E402
+from datencoder.cost import measure  # noqa: E402
+from datencoder.eval.harness import personalize_with  # noqa: E402
 from datencoder.eval.targets import select_targets  # noqa: E402
 from datencoder.image_io import image_to_tensor, load_image  # noqa: E402
 
@@ -74,11 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         if steps is not None:
             method = dataclasses.replace(method, steps=steps)
         personalize_with(method, base, pixels, systems, {})  # warm-up (loads the encoder once)
-        reset_peak_memory()
         resident = _resident_mb()
-        start = time.perf_counter()
-        concept, _ = personalize_with(method, base, pixels, systems, {})
-        seconds = time.perf_counter() - start
+        with measure() as phase:
+            concept, _ = personalize_with(method, base, pixels, systems, {})
+        seconds = phase.seconds
         peak = concept.info.get("peak_memory_mb")
         row = {"method": name, "timed_steps": method.steps, "seconds": round(seconds, 3), "peak_mb": peak,
                "resident_at_start_mb": None if resident is None else round(resident, 1)}

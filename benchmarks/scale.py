@@ -273,7 +273,7 @@ def measure(model: str, arch: str, stage: str, option: str, batch: int, args) ->
 
     from datencoder.base import load_base, resolve_device
     from datencoder.config import load_config
-    from datencoder.eval.harness import reset_peak_memory
+    from datencoder.cost import measure as measure_phase
     from datencoder.system import EncoderSystem
 
     torch.set_num_threads(args.threads)
@@ -289,28 +289,25 @@ def measure(model: str, arch: str, stage: str, option: str, batch: int, args) ->
     pixels = (torch.rand(1, 3, base.resolution, base.resolution, generator=gen) * 2 - 1).to(device)
     system = EncoderSystem(base, cfg) if stage != "generate" else None
     load_peak = _vm_hwm_mb()
-    reset_peak_memory(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    if stage == "pretrain":
-        optimizer = torch.optim.AdamW(system.encoder.parameters(), lr=1e-4)
-        terms = system.training_terms(pixels, ["a photo of S*"], gen)
-        sum(terms.values()).backward()
-        optimizer.step()
-        finite = all(bool(torch.isfinite(v)) for v in terms.values())
-    elif stage == "personalize":
-        from datencoder.tuning import personalize
+    cpu_start = time.process_time()
+    with measure_phase(device) as phase:  # the harness's measure: CUDA allocator or VmHWM, reset here
+        if stage == "pretrain":
+            optimizer = torch.optim.AdamW(system.encoder.parameters(), lr=1e-4)
+            terms = system.training_terms(pixels, ["a photo of S*"], gen)
+            sum(terms.values()).backward()
+            optimizer.step()
+            finite = all(bool(torch.isfinite(v)) for v in terms.values())
+        elif stage == "personalize":
+            from datencoder.tuning import personalize
 
-        tune = dataclasses.replace(cfg.tune, steps=args.tune_steps, batch_size=batch, gradient_checkpointing=ckpt)
-        concept = personalize(system, pixels[0], tune)
-        finite = bool(torch.isfinite(concept.embedding).all())
-    elif stage == "export":
-        finite = _export_and_load(system, pixels[0], cfg, model, dtype, device)
-    else:
-        finite = _generate(base, cfg, args.sample_steps)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _vm_hwm_mb()
+            tune = dataclasses.replace(cfg.tune, steps=args.tune_steps, batch_size=batch, gradient_checkpointing=ckpt)
+            concept = personalize(system, pixels[0], tune)
+            finite = bool(torch.isfinite(concept.embedding).all())
+        elif stage == "export":
+            finite = _export_and_load(system, pixels[0], cfg, model, dtype, device)
+        else:
+            finite = _generate(base, cfg, args.sample_steps)
+    seconds, peak = phase.seconds, phase.peak_mb
     return {"seconds": round(seconds, 2), "cpu_seconds": round(time.process_time() - cpu_start, 2), "peak_mb": round(peak), "process_peak_mb": round(max(load_peak, _vm_hwm_mb())),
             "finite": finite, "status": "measured", "hypernet_mode": cfg.encoder.hypernet_mode}
 

@@ -11,7 +11,7 @@ from datencoder.base import load_base
 from datencoder.encoder import HEAD_LIMIT_FLOOR, head_weight_counts
 from datencoder.hypernetwork import MODES, TUNED_BY_HEADS, Hypernetwork, weight_counts
 from datencoder.io import load_tensors
-from datencoder.config import Config, EncoderConfig, TuneConfig, from_dict
+from datencoder.config import Config, EncoderConfig, TuneConfig, from_dict, to_dict
 from datencoder.errors import DatencoderError
 from datencoder.system import EncoderSystem
 from datencoder.tuning import personalize
@@ -173,7 +173,9 @@ def test_tune_heads_moves_a_copy_and_keeps_the_concept_format(trained_system, tm
     assert all(tuned.factors[k][0].shape == start.factors[k][0].shape for k in start.factors)
     loaded = Concept.load(tuned.save(tmp_path / "c"), trained_system.base)
     assert torch.equal(loaded.embedding, tuned.embedding) and loaded.factors.keys() == tuned.factors.keys()
-    assert loaded.config["tune"]["tune_heads"] is False  # the system's config; the call's TuneConfig differs
+    # the settings it was tuned with (the call's TuneConfig), not the system's cfg.tune
+    assert trained_system.cfg.tune.tune_heads is False
+    assert loaded.config["tune"] == to_dict(TuneConfig(steps=2, batch_size=2, tune_heads=True, lr_heads=1e-2))
     with pytest.raises(DatencoderError, match="lr_heads"):
         from_dict(Config, {"tune": {"lr_heads": 0}})
 

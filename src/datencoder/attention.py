@@ -32,6 +32,7 @@ __all__ = [
     "remove_processors",
     "attention_layers",
     "target_layer_shapes",
+    "uses_dual_path",
 ]
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -48,6 +49,11 @@ class AdapterInputs:
     blend_self: float = 1.0
     blend_cross: float = 1.0
     scale: float = 1.0
+
+
+def uses_dual_path(blend_self: float, blend_cross: float) -> bool:
+    """Whether the vanilla path runs at all: a = 1 in every layer is the single path."""
+    return blend_self < 1 or blend_cross < 1
 
 
 def attention_layers(unet) -> dict[str, bool]:

@@ -154,10 +154,15 @@ class BaseModel:
 
     @torch.no_grad()
     def encode_latents(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """[N, 3, H, W] in [-1, 1] -> scaled fp32 latents [N, C, h, w] (a sample of the VAE posterior)."""
+        """[N, 3, H, W] in [-1, 1] -> scaled fp32 latents [N, C, h, w] (a sample of the VAE posterior).
+
+        A float16 VAE whose config sets ``force_upcast`` (SDXL 1.0's overflows in fp16) encodes in
+        fp32, as the diffusers pipelines do, and is cast back afterwards.
+        """
         vae = self.vae
-        dist = vae.encode(pixels.to(vae.dtype)).latent_dist
-        latents = dist.sample(generator=generator)
+        with _upcast(vae, vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)):
+            dist = vae.encode(pixels.to(vae.dtype)).latent_dist
+            latents = dist.sample(generator=generator)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * vae.config.scaling_factor).float()
 
@@ -174,6 +179,22 @@ class BaseModel:
             for module in self.modules():
                 module.to(**kwargs)
         return self
+
+
+@contextmanager
+def _upcast(module: torch.nn.Module, enabled: bool):
+    """Within the block ``module`` is fp32, then cast back to its dtype (exact: fp16 -> fp32 -> fp16)."""
+    if not enabled:
+        yield
+        return
+    dtype = next(module.parameters()).dtype
+    with quiet_loading():  # diffusers warns on every dtype cast of a model
+        module.to(torch.float32)
+    try:
+        yield
+    finally:
+        with quiet_loading():
+            module.to(dtype)
 
 
 @contextmanager

@@ -38,6 +38,8 @@ class Concept:
     token: str = "<concept>"
     blend_self: float = 0.5
     blend_cross: float = 0.5
+    pooled: str = "hard"
+    """SDXL: the time embedding's pooled text under the dual path (``dual_path.pooled``)."""
     scale: float = 1.0
     base: dict = field(default_factory=dict)
     """{"name": ..., "fingerprint": ...} of the base model."""
@@ -79,6 +81,7 @@ class Concept:
             "hard_word": self.hard_word,
             "blend_self": self.blend_self,
             "blend_cross": self.blend_cross,
+            "pooled": self.pooled,
             "scale": self.scale,
             "base": self.base,
             "config": self.config,
@@ -116,5 +119,6 @@ class Concept:
             hard_word=meta["hard_word"],
             placeholder=meta["placeholder"], token=meta["token"], blend_self=meta["blend_self"],
             blend_cross=meta["blend_cross"], scale=meta["scale"], base=meta.get("base", {}),
+            pooled=meta.get("pooled", "soft"),  # saved before the choice existed: the soft prompt's
             config=meta.get("config", {}), info=meta.get("info", {}),
         )

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import DatencoderError
-from .tokens import add_placeholder, inject_embeddings, vocabulary
+from .tokens import add_placeholder, inject_embeddings, nearest_tokens, vocabulary
 
-__all__ = ["TextStates", "encode_text", "added_cond_kwargs", "split_embedding", "add_placeholders",
-           "text_vocabulary", "word_embedding", "joint_unit"]
+__all__ = ["TextStates", "encode_text", "added_cond_kwargs", "pooled_text", "split_embedding", "add_placeholders",
+           "text_vocabulary", "word_embedding", "joint_unit", "nearest_words"]
 
 
 @dataclass
@@ -93,6 +93,20 @@ def added_cond_kwargs(base, text: TextStates) -> dict[str, Tensor] | None:
     return {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], 6)}  # [B, 6]
 
 
+def pooled_text(soft: Tensor | None, hard: Tensor | None, mode: str, blend: float) -> Tensor | None:
+    """SDXL's pooled vector [B, P] for the time embedding under the dual path (``dual_path.pooled``).
+
+    The time embedding is shared by both attention paths and every resnet, so only 'hard' keeps
+    the vanilla path the base model on the hard prompt. ``hard`` None (single path): the soft one.
+    'blend' is written hard + a * (soft - hard), which is the hard vector exactly at a = 0.
+    """
+    if mode not in ("soft", "hard", "blend"):
+        raise DatencoderError(f"dual_path.pooled must be 'soft', 'hard' or 'blend', got {mode!r}")
+    if hard is None or soft is None or mode == "soft":
+        return soft
+    return hard if mode == "hard" else hard + blend * (soft - hard)
+
+
 def add_placeholders(base, token: str) -> int:
     """Add ``token`` to every tokenizer/text encoder; the id in the first tokenizer."""
     ids = [add_placeholder(tokenizer, text_encoder, token) for tokenizer, text_encoder in base.text_encoders]
@@ -138,3 +152,13 @@ def joint_unit(x: Tensor, dims: tuple[int, ...]) -> Tensor:
         return x
     parts = x.float().split(list(dims), dim=-1)
     return torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1) / len(dims) ** 0.5
+
+
+def nearest_words(embedding: Tensor, table: Tensor, dims: tuple[int, ...], k: int = 1) -> tuple[Tensor, Tensor]:
+    """The k rows of the real-word ``table`` [V, D] nearest each embedding [N, D] by the joint
+    cosine (``joint_unit``): ([N, k] row indices, [N, k] cosines); no gradient.
+
+    The one definition of "nearest word": the hard prompt, the pre-training collapse watch and
+    the health report all use it, so on SDXL they name the same word.
+    """
+    return nearest_tokens(joint_unit(embedding.detach(), dims), joint_unit(table.to(embedding.device), dims), k)

@@ -153,6 +153,10 @@ class EncoderConfig:
             raise DatencoderError(f"encoder.targets may hold to_q, to_k, to_v, to_out.0, got {bad}")
 
 
+POOLED_CHOICES = ("soft", "hard", "blend")
+"""Where SDXL's pooled text (the time embedding) comes from under the dual path (``dual_path.pooled``)."""
+
+
 @dataclass
 class DualPathConfig:
     """out = a * Attn(W + dW, soft prompt) + (1 - a) * Attn(W, hard prompt)."""
@@ -161,8 +165,14 @@ class DualPathConfig:
     blend_self: float = 0.5
     blend_cross: float = 0.5
     in_pretraining: bool = False
+    pooled: str = "hard"
+    """SDXL only: the pooled text vector of the time embedding, which both paths and every resnet
+    share. 'hard': the hard prompt's (a = 0 is then exactly the base on the hard prompt: the
+    vanilla path keeps the prior); 'soft': the soft prompt's (it carries v); 'blend':
+    blend_cross * soft + (1 - blend_cross) * hard. Without the dual path it is the soft prompt's."""
 
     def __post_init__(self) -> None:
+        check_choice(self, "dual_path", "pooled", POOLED_CHOICES)
         for name in ("blend_self", "blend_cross"):
             a = getattr(self, name)
             if not 0.0 <= a <= 1.0:
@@ -269,6 +279,9 @@ class TrainConfig:
         if self.base_dtype not in ("fp32", "bf16", "fp16"):
             raise DatencoderError(f"train.base_dtype must be 'fp32', 'bf16' or 'fp16', got {self.base_dtype!r}")
         check_seed(self.seed, "train.seed")
+        if self.base_dtype == "fp16" and self.mixed_precision != "fp16":
+            raise DatencoderError("train.base_dtype=fp16 needs train.mixed_precision=fp16 (its loss scaling keeps the "
+                                  "gradients from underflowing); or use train.base_dtype=bf16")
         for key in ("steps", "checkpoint_every", "sample_concepts"):
             if getattr(self, key) < 1:
                 raise DatencoderError(f"train.{key} must be >= 1, got {getattr(self, key)}")

@@ -63,7 +63,7 @@ class EncoderOutput:
 
 class TuningEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig, feature_width: int, token_dim: int,
-                 layer_shapes: dict[str, tuple[int, int]], init_embedding: Tensor | None = None):
+                 layer_shapes: dict[str, tuple[int, int]], init_embedding: Tensor | None = None, seed: int = 0):
         super().__init__()
         self.cfg = cfg
         self.feature_width = feature_width
@@ -80,7 +80,7 @@ class TuningEncoder(nn.Module):
             self.embedding_head.weight.mul_(0.1)
             if init_embedding is not None:
                 self.embedding_head.bias.copy_(init_embedding)
-        self.hypernetwork = Hypernetwork(layer_shapes, **_hypernet_args(cfg))
+        self.hypernetwork = Hypernetwork(layer_shapes, seed=seed, **_hypernet_args(cfg))
 
     def hidden(self, features: Tensor, timesteps: Tensor) -> Tensor:
         """The trunk's output h: [N, feature_width], [N] -> [N, hidden]."""

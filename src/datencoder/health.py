@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .tokens import nearest_tokens
+from .conditioning import joint_unit, nearest_words
 
 __all__ = ["embedding_health", "hubness", "label_purity", "nearest_word_stats"]
 
@@ -47,8 +47,11 @@ def _mean_pairwise_cosine(embeddings: Tensor) -> float:
 @torch.no_grad()
 def embedding_health(embeddings: Tensor, table: Tensor, word_of: Callable[[int], str],
                      concept_words: Sequence[set[str]] | None = None, k: int = 5,
-                     most_common: int = 10) -> dict:
+                     most_common: int = 10, dims: tuple[int, ...] | None = None) -> dict:
     """Health numbers of predicted embeddings [N, D] against the real-word table [V, D].
+
+    ``dims``: the base's ``token_dims``; with two text encoders (SDXL) every cosine is the joint
+    one (``conditioning.joint_unit``), so the nearest word is the hard prompt's word.
 
     ``word_of(j)`` is the word of table row j; ``concept_words[i]`` the (lowercase) words naming
     input i's concept or category. Returns distinct_nearest, top_word, top_word_share,
@@ -57,13 +60,14 @@ def embedding_health(embeddings: Tensor, table: Tensor, word_of: Callable[[int],
     """
     if concept_words is not None and len(concept_words) != embeddings.shape[0]:
         raise ValueError(f"{len(concept_words)} word sets for {embeddings.shape[0]} embeddings")
-    index, cos = nearest_tokens(embeddings, table.to(embeddings.device), min(k, table.shape[0]))  # [N, k]
+    dims = tuple(dims) if dims else (embeddings.shape[-1],)
+    index, cos = nearest_words(embeddings, table, dims, min(k, table.shape[0]))  # [N, k]
     first = index[:, 0].tolist()
     counts = Counter(first)
     words = {j: word_of(j) for j in set(index.flatten().tolist())}
     result = {"inputs": len(first), **nearest_word_stats(first),
               "top_word": words[counts.most_common(1)[0][0]],
-              "mean_pairwise_cosine": round(_mean_pairwise_cosine(embeddings), 5),
+              "mean_pairwise_cosine": round(_mean_pairwise_cosine(joint_unit(embeddings, dims)), 5),
               "nearest_cosine": round(float(cos[:, 0].mean()), 5),
               "most_common": [[words[j], c] for j, c in counts.most_common(most_common)]}
     if concept_words is not None:

@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import AdapterInputs
-from .conditioning import TextStates, added_cond_kwargs, encode_text, joint_unit, word_embedding
+from .attention import AdapterInputs, uses_dual_path
+from .conditioning import (TextStates, added_cond_kwargs, encode_text, joint_unit, nearest_words, pooled_text,
+                           word_embedding)
 from .config import Config
 from .errors import DatencoderError
 from .regularizers import l2_loss, nn_contrastive_loss, norm_loss, offset_l2
-from .tokens import fill_placeholder, nearest_tokens, token_word
+from .tokens import fill_placeholder, hard_prompts, token_word
 
 __all__ = ["Objective", "NoisyLatents", "diffusion_target"]
 
@@ -89,31 +90,35 @@ class Objective:
         return NoisyLatents(latents, noise, timesteps, sched.add_noise(latents, noise, timesteps))
 
     # -- prompts --------------------------------------------------------------------------
-    def hard_words(self, embedding: Tensor) -> list[str]:
-        """The nearest real word of each embedding row (no gradient): N embeddings -> N words.
+    def nearest(self, embedding: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
+        """Rows of the vocabulary table nearest each embedding: ([N, k], [N, k] cosines).
 
-        With two text encoders (SDXL) "nearest" is by the mean of the per-encoder cosines.
+        ``conditioning.nearest_words``: with two text encoders (SDXL) by the mean of the
+        per-encoder cosines.
         """
-        index, _ = nearest_tokens(joint_unit(embedding.detach(), self.dims), joint_unit(self.vocab_table, self.dims), 1)
-        return [token_word(self.base.tokenizer, self.vocab_ids[i]) for i in index[:, 0].tolist()]
+        return nearest_words(embedding, self.vocab_table, self.dims, k)
+
+    def word(self, row: int) -> str:
+        """The text of vocabulary table row ``row``."""
+        return token_word(self.base.tokenizer, self.vocab_ids[row])
+
+    def hard_words(self, embedding: Tensor) -> list[str]:
+        """The nearest real word of each embedding row (no gradient): N embeddings -> N words."""
+        return [self.word(i) for i in self.nearest(embedding)[0][:, 0].tolist()]
 
     def soft_text(self, prompts: list[str], embedding: Tensor) -> TextStates:
         placeholder, token = self.cfg.model.placeholder, self.cfg.model.token
         return encode_text(self.base, [fill_placeholder(p, placeholder, token) for p in prompts], token, embedding)
 
     @torch.no_grad()
-    def hard_states(self, prompts: list[str], words: list[str]) -> Tensor:
-        """States of the hard prompts, one row per prompt: prompt i takes word ``i % N``.
+    def hard_text(self, prompts: list[str], words: list[str]) -> TextStates:
+        """States of the hard prompts, one row per prompt: prompt i takes word ``i % N``
+        (``tokens.hard_prompts``)."""
+        return encode_text(self.base, hard_prompts(prompts, self.cfg.model.placeholder, words))
 
-        The same row rule as the soft path and the offsets (``lora.tile_to_batch``): during tuning
-        one embedding (N = 1) serves a batch of B prompts, during pre-training N = B.
-        """
-        if not words or len(prompts) % len(words):
-            raise DatencoderError(f"{len(prompts)} prompts cannot share {len(words)} hard words "
-                                  "(the prompt batch must be a multiple of the embedding batch)")
-        placeholder = self.cfg.model.placeholder
-        filled = [fill_placeholder(p, placeholder, words[i % len(words)]) for i, p in enumerate(prompts)]
-        return encode_text(self.base, filled).states
+    def hard_states(self, prompts: list[str], words: list[str]) -> Tensor:
+        """[B, L, D] cross-attention states of the hard prompts (``hard_text``)."""
+        return self.hard_text(prompts, words).states
 
     def adapter_inputs(self, factors, hard: Tensor | None) -> AdapterInputs:
         dp = self.cfg.dual_path
@@ -125,15 +130,20 @@ class Objective:
                 factors: dict[str, tuple[Tensor, Tensor]], dual_path: bool) -> Tensor:
         """The adapted UNet's prediction for B prompts and N embeddings/factors (B a multiple of N).
 
-        SDXL: the soft prompt's pooled vector joins the time embedding, which both paths share (the
-        dual path is per attention layer).
+        SDXL: the pooled vector joining the time embedding, which both paths share, is chosen by
+        ``dual_path.pooled`` (``conditioning.pooled_text``; the dual path is per attention layer).
         """
+        dp = self.cfg.dual_path
         soft = self.soft_text(prompts, embedding)
-        hard = self.hard_states(prompts, self.hard_words(embedding)) if dual_path else None
+        hard = None
+        if dual_path and uses_dual_path(dp.blend_self, dp.blend_cross):
+            hard = self.hard_text(prompts, self.hard_words(embedding))
+        pooled = pooled_text(soft.pooled, hard.pooled if hard is not None else None, dp.pooled, dp.blend_cross)
         unet = self.base.unet
+        adapter = self.adapter_inputs(factors, hard.states if hard is not None else None)
         return unet(batch.noisy.to(unet.dtype), batch.timesteps, soft.states.to(unet.dtype),
-                    cross_attention_kwargs={"adapter": self.adapter_inputs(factors, hard)},
-                    added_cond_kwargs=added_cond_kwargs(self.base, soft)).sample
+                    cross_attention_kwargs={"adapter": adapter},
+                    added_cond_kwargs=added_cond_kwargs(self.base, TextStates(soft.states, pooled))).sample
 
     def __call__(self, batch: NoisyLatents, prompts: list[str], embedding: Tensor,
                  factors: dict[str, tuple[Tensor, Tensor]], dual_path: bool,

@@ -16,15 +16,15 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscrete
                        StableDiffusionXLPipeline)
 from PIL import Image
 
-from .attention import AdapterInputs
+from .attention import AdapterInputs, uses_dual_path
 from .base import BaseModel
 from .io import check_base
 from .concept import Concept
-from .conditioning import TextStates, encode_text
+from .conditioning import TextStates, encode_text, pooled_text
 from .config import check_seed
 from .errors import DatencoderError
 from .prepare import BasePreparation, prepare_base
-from .tokens import check_placeholder_kept, fill_placeholder
+from .tokens import check_placeholder_kept, fill_placeholder, hard_prompts
 
 __all__ = ["ConceptPipeline"]
 
@@ -111,15 +111,14 @@ class ConceptPipeline:
             check_placeholder_kept(self.base.tokenizer, filled, self.token_id, concept.placeholder)
 
     @torch.no_grad()
-    def _states(self, prompts: list[str]) -> tuple[TextStates, torch.Tensor | None]:
-        """Soft prompt states and the hard prompt's [B, L, D] (hard is None without a concept)."""
+    def _states(self, prompts: list[str]) -> tuple[TextStates, TextStates | None]:
+        """Soft and hard prompt states (hard is None without a concept)."""
         concept = self.concept
         if concept is None:
             return encode_text(self.base, prompts), None
         soft = encode_text(self.base, [fill_placeholder(p, concept.placeholder, concept.token) for p in prompts],
                            concept.token, self.embedding)
-        hard = encode_text(self.base, [p.replace(concept.placeholder, concept.hard_word) for p in prompts])
-        return soft, hard.states
+        return soft, encode_text(self.base, hard_prompts(prompts, concept.placeholder, [concept.hard_word]))
 
     def _negative(self, negative_prompt: str, rows: int) -> TextStates:
         text = encode_text(self.base, [negative_prompt] * rows)
@@ -145,13 +144,19 @@ class ConceptPipeline:
         soft, hard = self._states(prompts)
         negative = self._negative(negative_prompt, len(prompts))
         kwargs = None
+        pooled = soft.pooled
         concept = self.concept
         if concept is not None:
-            use_dual = dual_path and (concept.blend_self < 1 or concept.blend_cross < 1)
-            if use_dual and guidance_scale > 1:
-                hard = torch.cat([negative.states, hard])  # diffusers batches [uncond, cond]
+            use_dual = dual_path and uses_dual_path(concept.blend_self, concept.blend_cross)
+            hard = hard if use_dual else None
+            # as the objective: the time embedding's pooled text by dual_path.pooled (SDXL)
+            pooled = pooled_text(soft.pooled, hard.pooled if hard is not None else None, concept.pooled,
+                                 concept.blend_cross)
+            hard_states = hard.states if hard is not None else None
+            if hard_states is not None and guidance_scale > 1:
+                hard_states = torch.cat([negative.states, hard_states])  # diffusers batches [uncond, cond]
             kwargs = {"adapter": AdapterInputs(
-                factors=self.factors, hard_states=hard if use_dual else None,
+                factors=self.factors, hard_states=hard_states,
                 blend_self=concept.blend_self, blend_cross=concept.blend_cross,
                 scale=concept.scale * lora_scale)}
         step_cb = None
@@ -159,11 +164,11 @@ class ConceptPipeline:
             def step_cb(pipe, i, t, tensors):
                 callback(i, num_inference_steps)
                 return tensors
-        pooled = {}
+        added = {}
         if self.base.is_sdxl:
-            pooled = {"pooled_prompt_embeds": soft.pooled, "negative_pooled_prompt_embeds": negative.pooled}
+            added = {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative.pooled}
         out = self.pipe(
-            prompt_embeds=soft.states, negative_prompt_embeds=negative.states, **pooled,
+            prompt_embeds=soft.states, negative_prompt_embeds=negative.states, **added,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, generator=generator, height=height,
             width=width, cross_attention_kwargs=kwargs, output_type=output_type,

@@ -30,7 +30,6 @@ from .image_io import make_grid, save_image_atomic
 from .io import check_output, to_pil
 from .pipeline import ConceptPipeline
 from .system import EncoderSystem
-from .tokens import nearest_tokens
 from .training import check_resume, fit, make_accelerator, mix
 from .tuning import personalize
 
@@ -122,7 +121,7 @@ def pretrain(cfg: Config, resume: bool = False, max_steps: int | None = None,
         pixels, prompts = batch
         system.encoder = model
         terms, pred = system.training_step(pixels.to(accelerator.device), list(prompts), generator)
-        nearest.extend(nearest_tokens(pred.embedding.detach(), system.vocab_table, 1)[0][:, 0].tolist())
+        nearest.extend(system.objective.nearest(pred.embedding)[0][:, 0].tolist())  # the hard words' rows
         return terms
 
     def health() -> dict[str, float]:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import DatencoderError
 from .tokens import nearest_tokens
 
 __all__ = ["distinct_nearest", "nn_contrastive_loss", "norm_loss", "l2_loss", "offset_l2"]
@@ -45,9 +46,14 @@ def distinct_nearest(v: Tensor, table: Tensor, k: int = 1) -> Tensor:
     rows equal to each other (copies of one concept) get the same words.
     """
     n = v.shape[0]
+    first = _copies(v).float().argmax(1)  # each row's first copy: the one that picks its words
+    concepts = int((first == torch.arange(n, device=first.device)).sum())
+    if k * concepts > table.shape[0]:
+        raise DatencoderError(f"loss.distinct_positives needs {k} word(s) for each of the batch's {concepts} "
+                              f"concepts but the vocabulary has {table.shape[0]}; lower loss.top_k_positives or "
+                              "the batch size, or set loss.whole_words_only=false")
     reach = min(table.shape[0], k * n)  # enough candidates for every row to find k free words
     ranked, cos = nearest_tokens(v, table, reach)  # [N, reach]
-    first = _copies(v).float().argmax(1)  # each row's first copy: the one that picks its words
     ranked_rows = ranked.tolist()
     result = torch.empty(n, k, dtype=torch.long)
     taken: set[int] = set()

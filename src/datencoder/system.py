@@ -68,7 +68,8 @@ class EncoderSystem:
         self.features = FeatureExtractor(base, cfg.encoder)
         if encoder is None:
             encoder = TuningEncoder(cfg.encoder, self.features.width, self.vocab_table.shape[1], shapes,
-                                    init_embedding=self.vocab_table.mean(0))
+                                    init_embedding=self.vocab_table.mean(0),
+                                    seed=cfg.train.seed)  # the run's seed draws the basis
         # the encoder and its heads follow the base's device but stay fp32 (trainable; autocast may
         # run their matmuls in half precision, their weights and optimizer state stay fp32)
         self.encoder = encoder.to(device=self.device)

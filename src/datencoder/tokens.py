@@ -24,6 +24,7 @@ __all__ = [
     "nearest_tokens",
     "token_word",
     "fill_placeholder",
+    "hard_prompts",
     "check_placeholder_kept",
 ]
 
@@ -127,6 +128,18 @@ def fill_placeholder(prompt: str, placeholder: str, replacement: str) -> str:
             f"write it where the concept goes, e.g. 'a photo of {placeholder} on the beach'"
         )
     return prompt.replace(placeholder, replacement)
+
+
+def hard_prompts(prompts: list[str], placeholder: str, words: list[str]) -> list[str]:
+    """The hard prompts of the dual path: prompt i with the placeholder replaced by ``words[i % N]``.
+
+    The row rule of the soft path and the offsets (``lora.tile_to_batch``): during tuning one
+    word (N = 1) serves a batch of B prompts, during pre-training N = B.
+    """
+    if not words or len(prompts) % len(words):
+        raise DatencoderError(f"{len(prompts)} prompts cannot share {len(words)} hard words "
+                              "(the prompt batch must be a multiple of the embedding batch)")
+    return [fill_placeholder(p, placeholder, words[i % len(words)]) for i, p in enumerate(prompts)]
 
 
 def check_placeholder_kept(tokenizer, prompts: list[str], token_id: int, placeholder: str = "S*") -> None:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import resource
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -27,6 +25,7 @@ from torch import Tensor
 from .augment import augment_views
 from .concept import Concept
 from .config import DataConfig, TuneConfig, to_dict
+from .cost import cost_info, measure, peak_memory_mb
 from .dataset import template_fields
 from .errors import DatencoderError
 
@@ -43,6 +42,13 @@ StepCallback = Callable[[int, dict[str, float]], None]
 Trainables = Callable[[], tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]]
 """Returns the step's (embedding [1, D], factors {key: (A [1, r, in], B [1, out, r])}); called once per
 step, so trained heads can recompute them from their parameters."""
+
+
+def check_tunable(base: BaseModel) -> None:
+    """Refuse to tune through a float16 base: without loss scaling its small gradients underflow."""
+    if base.dtype == torch.float16:
+        raise DatencoderError("tuning through a float16 base is not supported (no loss scaling: small gradients "
+                              "underflow); load the base in bf16 (--dtype bf16) or fp32")
 
 
 def tuning_data(cfg) -> DataConfig:
@@ -67,6 +73,8 @@ def optimise_on_image(objective: Objective, base: BaseModel, pixels: Tensor, ste
     ``steps`` numbers the steps for ``callback(step, {"loss": ..., term: ...})``; a continued run
     passes ``range(done, total)``.
     """
+    if optimizer is not None:
+        check_tunable(base)
     templates = data.templates
     for step in steps:
         embedding, factors = trainables()
@@ -83,13 +91,6 @@ def optimise_on_image(objective: Objective, base: BaseModel, pixels: Tensor, ste
             callback(step, {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}})
 
 
-def peak_memory_mb(device: torch.device | str = "cpu") -> float:
-    """Peak memory of this process: CUDA allocator peak on a GPU, max RSS on the CPU."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig | None = None,
                 callback: StepCallback | None = None, info: dict | None = None) -> Concept:
     """pixels: [3, H, W] in [-1, 1] at the base resolution -> a concept artifact.
@@ -99,6 +100,8 @@ def personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig | None =
     """
     cfg = system.cfg
     tune = tune or cfg.tune
+    if tune.steps > 0:
+        check_tunable(system.base)
     gen = torch.Generator().manual_seed(tune.seed)
     pixels = pixels.to(system.device, torch.float32)
     with _gradient_checkpointing(system.base.unet, tune.gradient_checkpointing):
@@ -118,10 +121,8 @@ def _gradient_checkpointing(unet, enabled: bool) -> Iterator[None]:
             unet.disable_gradient_checkpointing()
 
 
-def _personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig, gen: torch.Generator,
-                 callback: StepCallback | None, info: dict | None) -> Concept:
-    cfg = system.cfg
-    start = time.perf_counter()
+def _predict(system: EncoderSystem, pixels: Tensor, tune: TuneConfig, gen: torch.Generator):
+    """The encoder's prediction: (embedding [1, D], factors, the tuned head tensors or None, their input h)."""
     features = system.predict_features(pixels.unsqueeze(0), gen)
     encoder, heads, h = system.encoder, None, None
     with torch.no_grad():
@@ -135,39 +136,53 @@ def _personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig, gen: t
             pred = encoder(*features)
     embedding = pred.embedding.detach().clone()  # [1, D]
     factors = {k: (A.detach().clone(), B.detach().clone()) for k, (A, B) in pred.factors.items()}
-    predicted = time.perf_counter()
+    return embedding, factors, heads, h
 
-    if tune.steps > 0:
-        groups = []
-        if heads is not None:
-            if heads:
-                groups.append({"params": list(heads.values()), "lr": tune.lr_heads})
-        else:
-            embedding.requires_grad_(tune.tune_embedding)
-            if tune.tune_embedding:
-                groups.append({"params": [embedding], "lr": tune.lr_embedding})
-            if tune.tune_lora and factors:
-                lora = [t.requires_grad_() for pair in factors.values() for t in pair]
-                groups.append({"params": lora, "lr": tune.lr_lora})
-        optimizer = torch.optim.Adam(groups) if groups else None
-        if heads is not None:
-            def trainables():
-                out = encoder.heads(h, heads)
-                return out.embedding, out.factors
-        else:
-            def trainables():
-                return embedding, factors
-        optimise_on_image(system.objective, system.base, pixels, range(tune.steps), tune.batch_size,
-                          tuning_data(cfg), trainables, cfg.dual_path.enabled, optimizer, gen, callback)
-        if heads is not None:
-            with torch.no_grad():
-                out = encoder.heads(h, heads)
-            embedding, factors = out.embedding, out.factors
-    done = time.perf_counter()
+
+def _tune(system: EncoderSystem, pixels: Tensor, tune: TuneConfig, gen: torch.Generator,
+          callback: StepCallback | None, embedding: Tensor, factors: dict, heads, h):
+    """``tune.steps`` steps from the prediction; the tuned (embedding, factors)."""
+    cfg = system.cfg
+    encoder = system.encoder
+    groups = []
+    if heads is not None:
+        if heads:
+            groups.append({"params": list(heads.values()), "lr": tune.lr_heads})
+    else:
+        embedding.requires_grad_(tune.tune_embedding)
+        if tune.tune_embedding:
+            groups.append({"params": [embedding], "lr": tune.lr_embedding})
+        if tune.tune_lora and factors:
+            lora = [t.requires_grad_() for pair in factors.values() for t in pair]
+            groups.append({"params": lora, "lr": tune.lr_lora})
+    optimizer = torch.optim.Adam(groups) if groups else None
+    if heads is not None:
+        def trainables():
+            out = encoder.heads(h, heads)
+            return out.embedding, out.factors
+    else:
+        def trainables():
+            return embedding, factors
+    optimise_on_image(system.objective, system.base, pixels, range(tune.steps), tune.batch_size,
+                      tuning_data(cfg), trainables, cfg.dual_path.enabled, optimizer, gen, callback)
+    if heads is not None:
+        with torch.no_grad():
+            out = encoder.heads(h, heads)
+        embedding, factors = out.embedding, out.factors
+    return embedding, factors
+
+
+def _personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig, gen: torch.Generator,
+                 callback: StepCallback | None, info: dict | None) -> Concept:
+    cfg = system.cfg
+    with measure(system.device) as predicting:
+        embedding, factors, heads, h = _predict(system, pixels, tune, gen)
+    with measure(system.device) as tuning:
+        if tune.steps > 0:
+            embedding, factors = _tune(system, pixels, tune, gen, callback, embedding, factors, heads, h)
 
     hard_word = system.objective.hard_words(embedding.detach())[0]
-    timings = {"encoder_s": round(predicted - start, 4), "tuning_s": round(done - predicted, 4),
-               "steps": tune.steps, "peak_memory_mb": round(peak_memory_mb(pixels.device), 1)}
+    timings = {"steps": tune.steps, **cost_info(predicting, tuning)}
     log.debug("encoder %.2fs, %d tuning steps %.2fs, nearest word %r", timings["encoder_s"], tune.steps,
              timings["tuning_s"], hard_word)
     dp = cfg.dual_path
@@ -176,6 +191,9 @@ def _personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig, gen: t
         factors={k: (A.detach()[0].cpu().clone(), B.detach()[0].cpu().clone()) for k, (A, B) in factors.items()},
         hard_word=hard_word, placeholder=cfg.model.placeholder, token=cfg.model.token,
         blend_self=dp.blend_self if dp.enabled else 1.0, blend_cross=dp.blend_cross if dp.enabled else 1.0,
+        pooled=dp.pooled,
         scale=cfg.encoder.lora_scale, base={"name": system.base.name, "fingerprint": system.base.fingerprint},
-        config=to_dict(cfg), info={**(info or {}), **timings}, token_dims=system.base.token_dims,
+        # the settings it was tuned with: ``tune`` (the call's) may differ from the system's cfg.tune
+        config={**to_dict(cfg), "tune": to_dict(tune)}, info={**(info or {}), **timings},
+        token_dims=system.base.token_dims,
     )

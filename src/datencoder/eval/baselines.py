@@ -27,7 +27,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -41,10 +42,12 @@ from ..config import Config, DataConfig, check_range, check_seed, from_dict, to_
 from ..errors import DatencoderError
 from ..objective import Objective
 from ..prepare import prepare_base
-from ..tuning import StepCallback, optimise_on_image, peak_memory_mb
+from ..cost import Cost, cost_info, measure
+from ..tuning import StepCallback, optimise_on_image
 
 __all__ = ["TextualInversionConfig", "DreamBoothLoRAConfig", "DreamBoothConfig", "OptimisationRun",
-           "textual_inversion", "dreambooth_lora", "dreambooth_unet", "add_peft_lora", "peft_factors"]
+           "MasterWeightsAdam", "textual_inversion", "dreambooth_lora", "dreambooth_unet", "add_peft_lora",
+           "peft_factors"]
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +141,13 @@ class OptimisationRun:
     Pass the same (initially empty) object to successive calls with growing ``steps`` and
     otherwise identical settings: each call resumes the optimiser, the parameters and the random
     generator where the last one stopped, so ``steps=500`` after ``steps=100`` gives exactly the
-    concept of a straight 500-step run, for the cost of 400 more steps. ``seconds`` and
-    ``peak_mb`` cover the whole run so far, which is what a straight run would have cost.
+    concept of a straight 500-step run, for the cost of 400 more steps. ``cost`` (seconds and
+    peak memory) covers the whole run so far, which is what a straight run would have cost.
     """
 
     steps: int = 0
-    seconds: float = 0.0
-    peak_mb: float = 0.0
+    cost: Cost = field(default_factory=Cost)
+    """``cost.measure`` of the run's setup and steps, summed (seconds) and maximised (peak) over calls."""
     settings: dict | None = None
     state: dict = field(default_factory=dict)
 
@@ -152,7 +155,48 @@ class OptimisationRun:
         return self.settings == settings and self.steps <= steps and bool(self.state)
 
     def reset(self, settings: dict) -> None:
-        self.steps, self.seconds, self.peak_mb, self.settings, self.state = 0, 0.0, 0.0, settings, {}
+        self.steps, self.cost, self.settings, self.state = 0, Cost(), settings, {}
+
+    @property
+    def seconds(self) -> float:
+        return self.cost.seconds
+
+    @property
+    def peak_mb(self) -> float:
+        return self.cost.peak_mb
+
+    def add(self, phase: Cost) -> None:
+        self.cost = Cost(self.cost.seconds + phase.seconds, max(self.cost.peak_mb, phase.peak_mb), phase.peak_of)
+
+
+class MasterWeightsAdam:
+    """Adam with fp32 master weights for parameters held in half precision (mixed-precision
+    training): the model computes in its own dtype; each step moves its gradients to fp32 copies,
+    steps those (fp32 Adam state) and writes them back rounded, so updates smaller than the half
+    precision's resolution accumulate instead of vanishing. fp32 parameters are stepped in place."""
+
+    def __init__(self, params, lr: float):
+        self.params = list(params)
+        self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.params]
+        self.inner = torch.optim.Adam(self.masters, lr=lr)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The tensors Adam steps: the fp32 masters."""
+        return self.inner.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        copies = [(p, m) for p, m in zip(self.params, self.masters) if m is not p]
+        for p, m in copies:
+            m.grad = None if p.grad is None else p.grad.float()
+        self.inner.step()
+        for p, m in copies:
+            p.copy_(m)
 
 
 def _settings(method_cfg) -> dict:
@@ -170,16 +214,23 @@ def _objective_config(base: BaseModel, templates, hflip, scale_min, seed) -> Con
     })
 
 
-def _advance(run: OptimisationRun, steps: int, start: float, base: BaseModel, pixels: Tensor, batch_size: int,
+@contextmanager
+def _measured(run: OptimisationRun, device) -> Iterator[None]:
+    """Add the block's ``cost.measure`` to the run's cost."""
+    with measure(device) as phase:
+        yield
+    run.add(phase)
+
+
+def _advance(run: OptimisationRun, steps: int, base: BaseModel, pixels: Tensor, batch_size: int,
              data: DataConfig, callback: StepCallback | None) -> None:
     """Optimise from ``run.steps`` to ``steps`` (single path: the embedding in ``run.state``, the
-    trained tensors in its optimizer) and add the time (``start``: this call's start) and peak."""
+    trained tensors in its optimizer), measured into the run's cost."""
     st = run.state
-    optimise_on_image(st["objective"], base, pixels, range(run.steps, steps), batch_size, data,
-                      lambda: (st["embedding"], {}), False, st["optimizer"], st["generator"], callback)
+    with _measured(run, base.device):
+        optimise_on_image(st["objective"], base, pixels, range(run.steps, steps), batch_size, data,
+                          lambda: (st["embedding"], {}), False, st["optimizer"], st["generator"], callback)
     run.steps = steps
-    run.seconds += time.perf_counter() - start
-    run.peak_mb = max(run.peak_mb, peak_memory_mb())
 
 
 def _single_token(base: BaseModel, word: str) -> int | None:
@@ -194,8 +245,7 @@ def _concept(base: BaseModel, cfg: Config, embedding: Tensor, factors, hard_word
         placeholder=cfg.model.placeholder, token=cfg.model.token, blend_self=1.0, blend_cross=1.0,
         scale=scale, base={"name": base.name, "fingerprint": base.fingerprint},
         config={**to_dict(cfg), "baseline": {"method": method, **to_dict(method_cfg)}},
-        info={**(info or {}), "method": method, "encoder_s": 0.0, "tuning_s": round(run.seconds, 4),
-              "steps": method_cfg.steps, "peak_memory_mb": round(run.peak_mb, 1)},
+        info={**(info or {}), "method": method, "steps": method_cfg.steps, **cost_info(None, run.cost)},
         token_dims=base.token_dims,
     )
 
@@ -211,24 +261,23 @@ def textual_inversion(base: BaseModel, pixels: Tensor, tcfg: TextualInversionCon
     tcfg = tcfg or TextualInversionConfig()
     run = run if run is not None else OptimisationRun()
     settings = _settings(tcfg)
-    start = time.perf_counter()
     if not run.usable_for(settings, tcfg.steps):
         run.reset(settings)
         cfg = _objective_config(base, tcfg.templates, tcfg.hflip, tcfg.scale_min, tcfg.seed)
         vocab_ids, vocab_table = text_vocabulary(base, cfg.loss.whole_words_only)
         token_id = prepare_base(base, cfg.model.token).token_id
         objective = Objective(base, cfg, token_id, vocab_ids, vocab_table)
-        start = time.perf_counter()  # the vocabulary table is cached per base: not the method's cost
-        init_id = _single_token(base, tcfg.init_word) if tcfg.init_word else None
-        if init_id is None:
-            log.debug("init word %r is not one token: starting from the vocabulary mean", tcfg.init_word)
-        init = vocab_table.mean(0) if init_id is None else word_embedding(base, tcfg.init_word)
-        embedding = init.clone().unsqueeze(0).requires_grad_()  # [1, D]
-        run.state = {"cfg": cfg, "objective": objective, "embedding": embedding,
-                     "optimizer": torch.optim.Adam([embedding], lr=tcfg.lr),
-                     "generator": torch.Generator().manual_seed(tcfg.seed)}
+        with _measured(run, base.device):  # the vocabulary table is cached per base: not the method's cost
+            init_id = _single_token(base, tcfg.init_word) if tcfg.init_word else None
+            if init_id is None:
+                log.debug("init word %r is not one token: starting from the vocabulary mean", tcfg.init_word)
+            init = vocab_table.mean(0) if init_id is None else word_embedding(base, tcfg.init_word)
+            embedding = init.clone().unsqueeze(0).requires_grad_()  # [1, D]
+            run.state = {"cfg": cfg, "objective": objective, "embedding": embedding,
+                         "optimizer": torch.optim.Adam([embedding], lr=tcfg.lr),
+                         "generator": torch.Generator().manual_seed(tcfg.seed)}
     st = run.state
-    _advance(run, tcfg.steps, start, base, pixels, tcfg.batch_size, st["cfg"].data, callback)
+    _advance(run, tcfg.steps, base, pixels, tcfg.batch_size, st["cfg"].data, callback)
     hard_word = st["objective"].hard_words(st["embedding"].detach())[0]
     return _concept(base, st["cfg"], st["embedding"], {}, hard_word, 1.0, "textual_inversion", tcfg, run, info)
 
@@ -294,29 +343,31 @@ def dreambooth_lora(base: BaseModel, pixels: Tensor, dcfg: DreamBoothLoRAConfig 
     run = run if run is not None else OptimisationRun()
     settings = _settings(dcfg)
     cfg, spelled, templates = _dreambooth_prompts(base, dcfg)
-    start = time.perf_counter()
     if not run.usable_for(settings, dcfg.steps):
         run.reset(settings)
         vocab_ids, vocab_table = text_vocabulary(base, cfg.loss.whole_words_only)
         placeholder_id = prepare_base(base, cfg.model.token).token_id
-        start = time.perf_counter()
-        keys = sorted(target_layer_shapes(base.unet, dcfg.targets, dcfg.attention_kinds))
-        alpha = float(dcfg.alpha if dcfg.alpha is not None else dcfg.rank)
-        with torch.random.fork_rng(devices=[]):  # peft draws A from the global generator: seed it
-            torch.manual_seed(dcfg.seed)
-            peft_unet = add_peft_lora(base.unet, keys, dcfg.rank, alpha)
-        lora_params = [p for n, p in peft_unet.named_parameters() if "lora_" in n]
-        for p in lora_params:
-            p.requires_grad_(True)
-        # The same Objective, on a base whose UNet is the peft copy; S* embeds as the rare word.
-        peft_base = dataclasses.replace(base, unet=peft_unet)
-        objective = Objective(peft_base, cfg, placeholder_id, vocab_ids, vocab_table)
-        embedding = word_embedding(base, dcfg.rare_word).unsqueeze(0)  # [1, sum(token_dims)]: the rare token
-        run.state = {"keys": keys, "peft_unet": peft_unet, "peft_base": peft_base, "objective": objective,
-                     "embedding": embedding, "optimizer": torch.optim.Adam(lora_params, lr=dcfg.lr),
-                     "generator": torch.Generator().manual_seed(dcfg.seed)}
+        with _measured(run, base.device):
+            keys = sorted(target_layer_shapes(base.unet, dcfg.targets, dcfg.attention_kinds))
+            alpha = float(dcfg.alpha if dcfg.alpha is not None else dcfg.rank)
+            with torch.random.fork_rng(devices=[]):  # peft draws A from the global generator: seed it
+                torch.manual_seed(dcfg.seed)
+                peft_unet = add_peft_lora(base.unet, keys, dcfg.rank, alpha)
+            lora_params = [p for n, p in peft_unet.named_parameters() if "lora_" in n]
+            for p in lora_params:
+                # trained in fp32 whatever the base's dtype: peft casts the layer input to the
+                # adapter's dtype and the adapter's output back
+                p.data = p.data.float()
+                p.requires_grad_(True)
+            # The same Objective, on a base whose UNet is the peft copy; S* embeds as the rare word.
+            peft_base = dataclasses.replace(base, unet=peft_unet)
+            objective = Objective(peft_base, cfg, placeholder_id, vocab_ids, vocab_table)
+            embedding = word_embedding(base, dcfg.rare_word).unsqueeze(0)  # [1, sum(token_dims)]: the rare token
+            run.state = {"keys": keys, "peft_unet": peft_unet, "peft_base": peft_base, "objective": objective,
+                         "embedding": embedding, "optimizer": torch.optim.Adam(lora_params, lr=dcfg.lr),
+                         "generator": torch.Generator().manual_seed(dcfg.seed)}
     st = run.state
-    _advance(run, dcfg.steps, start, st["peft_base"], pixels, dcfg.batch_size,
+    _advance(run, dcfg.steps, st["peft_base"], pixels, dcfg.batch_size,
              dataclasses.replace(cfg.data, templates=templates), callback)
     factors, scale = peft_factors(st["peft_unet"], st["keys"])
     info = {**(info or {}), "prompt_placeholder": spelled}
@@ -339,24 +390,23 @@ def dreambooth_unet(base: BaseModel, pixels: Tensor, dcfg: DreamBoothConfig | No
     run = run if run is not None else OptimisationRun()
     settings = _settings(dcfg)
     cfg, spelled, templates = _dreambooth_prompts(base, dcfg)
-    start = time.perf_counter()
     if not run.usable_for(settings, dcfg.steps):
         run.reset(settings)
         vocab_ids, vocab_table = text_vocabulary(base, cfg.loss.whole_words_only)
         placeholder_id = prepare_base(base, cfg.model.token).token_id
-        start = time.perf_counter()
-        unet = copy.deepcopy(base.unet)  # the shared base UNet is never modified
-        params = [p for p in unet.parameters() if p.is_floating_point()]
-        for p in params:
-            p.requires_grad_(True)
-        tuned_base = dataclasses.replace(base, unet=unet)
-        objective = Objective(tuned_base, cfg, placeholder_id, vocab_ids, vocab_table)
-        embedding = word_embedding(base, dcfg.rare_word).unsqueeze(0)  # [1, sum(token_dims)]
-        run.state = {"tuned_base": tuned_base, "objective": objective, "embedding": embedding,
-                     "optimizer": torch.optim.Adam(params, lr=dcfg.lr),
-                     "generator": torch.Generator().manual_seed(dcfg.seed)}
+        with _measured(run, base.device):
+            unet = copy.deepcopy(base.unet)  # the shared base UNet is never modified
+            params = [p for p in unet.parameters() if p.is_floating_point()]
+            for p in params:
+                p.requires_grad_(True)
+            tuned_base = dataclasses.replace(base, unet=unet)
+            objective = Objective(tuned_base, cfg, placeholder_id, vocab_ids, vocab_table)
+            embedding = word_embedding(base, dcfg.rare_word).unsqueeze(0)  # [1, sum(token_dims)]
+            run.state = {"tuned_base": tuned_base, "objective": objective, "embedding": embedding,
+                         "optimizer": MasterWeightsAdam(params, lr=dcfg.lr),
+                         "generator": torch.Generator().manual_seed(dcfg.seed)}
     st = run.state
-    _advance(run, dcfg.steps, start, st["tuned_base"], pixels, dcfg.batch_size,
+    _advance(run, dcfg.steps, st["tuned_base"], pixels, dcfg.batch_size,
              dataclasses.replace(cfg.data, templates=templates), callback)
     info = {**(info or {}), "prompt_placeholder": spelled}
     concept = _concept(base, cfg, st["embedding"], {}, dcfg.rare_word, 1.0, "dreambooth", dcfg, run, info)

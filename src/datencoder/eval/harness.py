@@ -1,9 +1,10 @@
 """Evaluation harness: every method personalises the same targets and is measured identically.
 
 METHOD.md, "Metrics": for each method and target image (``targets``) the harness personalises
-(timed, with peak memory), generates every prompt x seed through ``ConceptPipeline``, and scores
-each image (``scoring``: the emoji ``Evaluator`` by default; with ``scorers: [clip, dino]`` on any
-supported base, e.g. a folder of the user's own images, the paper's CLIP-I, CLIP-T and DINO).
+(its phases measured by the one ``cost.measure``, whatever the method: ``row_cost``), generates
+every prompt x seed through ``ConceptPipeline``, and scores each image (``scoring``: the emoji
+``Evaluator`` by default; with ``scorers: [clip, dino]`` on any supported base, e.g. a folder of
+the user's own images, the paper's CLIP-I, CLIP-T and DINO).
 
 Per-image records go to one file per (method, target) pair, ``records/<method>/<target>.jsonl``,
 written atomically when the pair is complete (a rerun skips finished pairs, and processes running
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,20 +29,18 @@ from .records import pair_file, read_records, records_file, write_records
 from .scoring import load_scorers, score_all
 from .targets import method_targets, select_targets
 
-__all__ = ["run_evaluation", "personalize_with", "reset_peak_memory"]
+__all__ = ["run_evaluation", "personalize_with", "row_cost"]
 
 log = logging.getLogger(__name__)
 
 
-def reset_peak_memory(device: torch.device | str = "cpu") -> None:
-    """Start a new peak: CUDA allocator stats, or the kernel's RSS high-water mark on Linux."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # "5" resets VmHWM, which getrusage's ru_maxrss reports for this process (Linux >= 4.0)
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        log.debug("cannot reset the peak RSS: peak memory is the process maximum so far")
+def row_cost(concept) -> dict:
+    """A record's cost columns, the same for every method: what ``cost.measure`` gave the method's
+    phases (``Concept.info``; a continued baseline's whole run): seconds (encoder + tuning),
+    peak_mb and peak_of."""
+    info = concept.info
+    return {"seconds": round(info["encoder_s"] + info["tuning_s"], 3), "peak_mb": info["peak_memory_mb"],
+            "peak_of": info["peak_of"]}
 
 
 def personalize_with(method: MethodConfig, base, pixels: torch.Tensor, system_cache: dict, info: dict,
@@ -154,8 +152,6 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
                 continue
             image = load_image(target.image)
             pixels = image_to_tensor(image, base.resolution)  # [3, H, W] in [-1, 1]
-            reset_peak_memory(device)
-            start = time.perf_counter()
             run = None
             if method.kind != "ours":
                 from .baselines import OptimisationRun
@@ -163,9 +159,7 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
                 key = (method.kind, json.dumps(method.overrides, sort_keys=True), target.image)
                 run = runs.setdefault(key, OptimisationRun())
             concept, generation_base = personalize_with(method, base, pixels, systems, {"image": target.image}, run)
-            # a continued baseline costs its whole run, not just the steps added here
-            seconds = run.seconds if run is not None else time.perf_counter() - start
-            peak = concept.info.get("peak_memory_mb")
+            cost = row_cost(concept)  # a continued baseline costs its whole run, not just the steps added here
             spelled = concept.info.get("prompt_placeholder", concept.placeholder)
             prompts = [p.replace("S*", spelled) for p in cfg.prompts]
             pipe = ConceptPipeline(generation_base, concept, cfg.scheduler)
@@ -184,11 +178,11 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
                                     "target": target.image, "concept": target.concept, "name": target.name,
                                     "category": target.category, "group": target.group, "prompt": prompt,
                                     "prompt_index": p_index, "seed": seed, "file": file, **rec,
-                                    "seconds": round(seconds, 3), "peak_mb": peak, "hard_word": concept.hard_word})
+                                    **cost, "hard_word": concept.hard_word})
             write_records(pair_file(out, method.name, target.image), records)
             new.extend(records)
             ran.append((method.name, target.image))
-            log.debug("%s on %s: %.2fs", method.name, target.image, seconds)
+            log.debug("%s on %s: %.2fs", method.name, target.image, cost["seconds"])
             if on_pair:
                 on_pair(method.name, target.image, True)
     return {"records": existing + new, "ran": ran, "skipped": skipped, "targets": targets}

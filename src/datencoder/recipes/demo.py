@@ -20,7 +20,8 @@ from ..pipeline import ConceptPipeline
 from ..io import check_output
 from ..config import check_seed
 from ..system import DEFAULT_ENCODER, EncoderSystem, encoder_path
-from ..tuning import peak_memory_mb, personalize
+from ..cost import measure
+from ..tuning import personalize
 from .options import add_device_arguments, device_options
 from ..io import ASSETS
 
@@ -75,45 +76,46 @@ def run(args) -> int:
             f"no encoder at {encoder_dir}: the embedded encoder is not installed in this version; "
             "train one with 'datencoder pretrain configs/minisd_encoder.yaml' and pass --encoder OUTPUT/encoder")
     device, dtype = device_options(args)
-    timings = {}
-    start = time.perf_counter()
-    image = load_image(_resolve_image(args.image))
-    system = EncoderSystem.load(encoder_dir, device=device, dtype=dtype)
-    system.cfg.tune.seed = args.seed
-    pixels = image_to_tensor(image, system.base.resolution)
-    timings["load"] = time.perf_counter() - start
+    with measure(device) as whole:  # loading included; nested phases keep its peak (cost.py)
+        timings = {}
+        start = time.perf_counter()
+        image = load_image(_resolve_image(args.image))
+        system = EncoderSystem.load(encoder_dir, device=device, dtype=dtype)
+        system.cfg.tune.seed = args.seed
+        pixels = image_to_tensor(image, system.base.resolution)
+        timings["load"] = time.perf_counter() - start
 
-    t = time.perf_counter()
-    system.cfg.tune.steps = 0
-    encoder_only = personalize(system, pixels)
-    timings["encoder"] = time.perf_counter() - t
-    t = time.perf_counter()
-    system.cfg.tune.steps = args.steps
-    bar = tqdm(total=args.steps, desc="tuning", unit="step", leave=False)
-    tuned = personalize(system, pixels, callback=lambda step, terms: (bar.update(1), bar.set_postfix(loss=f"{terms['loss']:.3f}")))
-    bar.close()
-    timings["encoder+tuning"] = timings["encoder"] + time.perf_counter() - t
-
-    t = time.perf_counter()
-    rows = []
-    for label, concept in (("encoder only", encoder_only), (f"tuned {args.steps} steps", tuned)):
-        pipe = ConceptPipeline(system.base, concept)
-        bar = tqdm(total=args.sample_steps, desc=f"sampling ({label})", unit="step", leave=False)
-        images = pipe(PROMPTS, num_images=1, num_inference_steps=args.sample_steps, guidance_scale=args.guidance,
-                      seed=args.seed, callback=lambda i, n: bar.update(1))
+        t = time.perf_counter()
+        system.cfg.tune.steps = 0
+        encoder_only = personalize(system, pixels)
+        timings["encoder"] = time.perf_counter() - t
+        t = time.perf_counter()
+        system.cfg.tune.steps = args.steps
+        bar = tqdm(total=args.steps, desc="tuning", unit="step", leave=False)
+        tuned = personalize(system, pixels, callback=lambda step, terms: (bar.update(1), bar.set_postfix(loss=f"{terms['loss']:.3f}")))
         bar.close()
-        rows.append((label, images))
-    timings["generation"] = time.perf_counter() - t
+        timings["encoder+tuning"] = timings["encoder"] + time.perf_counter() - t
 
-    side = max(160, system.base.resolution)  # small models: enlarge tiles so the labels fit
-    tiles, labels = [], []
-    for label, images in rows:
-        tiles += [im.resize((side, side), Image.Resampling.BICUBIC) for im in [image, *images]]
-        labels += [f"input ({label})", *PROMPTS]
-    grid = make_grid(tiles, cols=len(PROMPTS) + 1, labels=labels)
-    save_image_atomic(grid, args.out)
-    timings["total"] = time.perf_counter() - start
+        t = time.perf_counter()
+        rows = []
+        for label, concept in (("encoder only", encoder_only), (f"tuned {args.steps} steps", tuned)):
+            pipe = ConceptPipeline(system.base, concept)
+            bar = tqdm(total=args.sample_steps, desc=f"sampling ({label})", unit="step", leave=False)
+            images = pipe(PROMPTS, num_images=1, num_inference_steps=args.sample_steps, guidance_scale=args.guidance,
+                          seed=args.seed, callback=lambda i, n: bar.update(1))
+            bar.close()
+            rows.append((label, images))
+        timings["generation"] = time.perf_counter() - t
+
+        side = max(160, system.base.resolution)  # small models: enlarge tiles so the labels fit
+        tiles, labels = [], []
+        for label, images in rows:
+            tiles += [im.resize((side, side), Image.Resampling.BICUBIC) for im in [image, *images]]
+            labels += [f"input ({label})", *PROMPTS]
+        grid = make_grid(tiles, cols=len(PROMPTS) + 1, labels=labels)
+        save_image_atomic(grid, args.out)
+        timings["total"] = time.perf_counter() - start
     print(f"nearest word: {encoder_only.hard_word!r} (encoder) -> {tuned.hard_word!r} (tuned)")
-    print("  ".join(f"{k} {v:.1f}s" for k, v in timings.items()) + f"  peak memory {peak_memory_mb(device):.0f} MB")
+    print("  ".join(f"{k} {v:.1f}s" for k, v in timings.items()) + f"  peak memory {whole.peak_mb:.0f} MB")
     print(f"wrote {args.out}")
     return 0
