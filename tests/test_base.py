@@ -52,6 +52,7 @@ def test_widths_come_from_configs(family_dir):
     assert base.scheduler.config.prediction_type == "epsilon"
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("use_mask", [False, True])
 def test_encode_prompt_matches_stock_pipeline(family_dir, use_mask):
     base = load_base(family_dir)
@@ -93,6 +94,7 @@ def _tokenizer_facts(folder):
     return tokenizer.get_vocab(), model.get("merges"), tokenizer(PROMPTS, padding="max_length").input_ids
 
 
+@pytest.mark.floor
 def test_build_is_deterministic(tmp_path):
     """Two processes build every tiny model: same tokenizers, same tensors, file by file."""
     import subprocess
