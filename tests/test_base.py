@@ -52,6 +52,7 @@ def test_widths_come_from_configs(family_dir):
     assert base.scheduler.config.prediction_type == "epsilon"
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("use_mask", [False, True])
 def test_encode_prompt_matches_stock_pipeline(family_dir, use_mask):
     base = load_base(family_dir)
@@ -80,11 +81,49 @@ def test_fingerprint_stable_across_dtype_and_differs_by_seed(tiny_base_dir, tmp_
     assert base_fingerprint(fp32.unet, fp32.text_encoder) != fp16.fingerprint
 
 
+_BUILD_VARIANTS = {"bert": {"text_encoder": "bert"}, "clip": {"text_encoder": "clip"}, "sd2": {"family": "sd2"},
+                   "sdxl": {"family": "sdxl"}}
+
+
+def _tokenizer_facts(folder):
+    """Vocabulary, merges and the ids of PROMPTS of a saved tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    return tokenizer.get_vocab(), model.get("merges"), tokenizer(PROMPTS, padding="max_length").input_ids
+
+
+@pytest.mark.floor
 def test_build_is_deterministic(tmp_path):
-    a = load_base(build_tiny_base(tmp_path / "a", seed=3, text_encoder="clip"))
-    b = load_base(build_tiny_base(tmp_path / "b", seed=3, text_encoder="clip"))
-    assert a.fingerprint == b.fingerprint
-    assert all(torch.equal(x, y) for x, y in zip(a.vae.state_dict().values(), b.vae.state_dict().values()))
+    """Two processes build every tiny model: same tokenizers, same tensors, file by file."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    script = ("import sys; from datencoder.testing import build_tiny_base\n"
+              f"for name, kwargs in {_BUILD_VARIANTS!r}.items():\n"
+              "    build_tiny_base(f'{sys.argv[1]}/{name}', seed=3, **kwargs)\n")
+    for run in ("a", "b"):
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / run)], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    for name in _BUILD_VARIANTS:
+        a, b = tmp_path / "a" / name, tmp_path / "b" / name
+        tokenizers = sorted(p.name for p in a.glob("tokenizer*"))
+        assert tokenizers == (["tokenizer", "tokenizer_2"] if name == "sdxl" else ["tokenizer"])
+        for sub in tokenizers:
+            vocab, merges, ids = _tokenizer_facts(a / sub)
+            assert (vocab, merges, ids) == _tokenizer_facts(b / sub), f"{name}/{sub} differs"
+            assert len(vocab) > 300 and (merges is None) == (name == "bert")
+        weights = sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
+        assert len(weights) == (5 if name == "sdxl" else 4)  # unet, vae, text encoder(s), image tower
+        assert weights == sorted(p.relative_to(b) for p in b.rglob("*.safetensors"))
+        for rel in weights:
+            x, y = load_file(a / rel), load_file(b / rel)
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f"{name}/{rel} differs"
+    assert load_base(tmp_path / "a" / "clip").fingerprint == load_base(tmp_path / "b" / "clip").fingerprint
 
 
 def test_mismatched_cross_attention_dim(tiny_base_dir, tmp_path):

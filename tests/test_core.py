@@ -14,7 +14,7 @@ from datencoder.concept import Concept
 from datencoder.config import Config, from_dict
 from datencoder.lora import delta_weight, lora_linear
 from datencoder.objective import diffusion_target
-from datencoder.regularizers import nn_contrastive_loss
+from datencoder.regularizers import nn_contrastive_loss, norm_loss
 from datencoder.tokens import nearest_tokens
 from datencoder.system import EncoderSystem
 from datencoder.tuning import personalize
@@ -129,6 +129,51 @@ def test_batch_with_per_sample_offsets_equals_samples_one_by_one(system):
         different = base.unet(latents, t, states, cross_attention_kwargs={"adapter": AdapterInputs(
             {k: (A.flip(0), B.flip(0)) for k, (A, B) in factors.items()}, hard, 0.5, 0.5)}).sample
         assert not torch.allclose(different, batched, atol=1e-4)
+
+
+def _contrastive_by_hand(v, table, tau, negatives, k=1):
+    """METHOD.md's InfoNCE term, written out with scalar cosines in float64.
+
+    L_i = -log( sum_{p in P_i} exp(cos(v_i, T_p)/tau) / sum_{c in C} exp(cos(v_i, T_c)/tau) ),
+    P_i the k nearest words of v_i, C the words of every P_j plus the random negatives (each once).
+    """
+    import math
+
+    def cos(a, b):
+        return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+    rows, words = v.tolist(), table.tolist()
+    positives = [sorted(range(len(words)), key=lambda j: -cos(row, words[j]))[:k] for row in rows]
+    candidates = {j for p in positives for j in p} | set(negatives)
+    losses = [-math.log(sum(math.exp(cos(row, words[j]) / tau) for j in p)
+                        / sum(math.exp(cos(row, words[j]) / tau) for j in candidates))
+              for row, p in zip(rows, positives)]
+    return sum(losses) / len(losses)
+
+
+def test_contrastive_and_norm_terms_match_the_formulas_by_hand(system):
+    # six words in 3-D, of different norms, and three predictions: two share their nearest word
+    table = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 0.5], [1.0, 1.0, 0.0],
+                          [0.0, 1.5, 1.5], [-1.0, 0.2, 0.3]])
+    v = torch.tensor([[0.9, 0.1, 0.05], [0.8, 0.3, -0.1], [0.1, 0.2, 1.0]])
+    tau, count = 0.2, 4
+    for k in (1, 2):
+        for seed in (0, 1, 2):
+            negatives = torch.randint(0, len(table), (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+            got = nn_contrastive_loss(v, table, tau, count, k, torch.Generator().manual_seed(seed))
+            assert got.item() == pytest.approx(_contrastive_by_hand(v, table, tau, negatives, k), rel=1e-5)
+        got = nn_contrastive_loss(v, table, tau, 0, k)
+        assert got.item() == pytest.approx(_contrastive_by_hand(v, table, tau, [], k), rel=1e-5)
+    # the negatives matter: the seeds above draw different words and give different losses
+    losses = {round(nn_contrastive_loss(v, table, tau, count, 1, torch.Generator().manual_seed(s)).item(), 6)
+              for s in range(3)}
+    assert len(losses) > 1
+    # norm term: relative squared distance of |v_i| from the mean norm of the real word embeddings
+    mean_norm = sum(sum(x * x for x in row) ** 0.5 for row in table.tolist()) / len(table)
+    by_hand = sum(((sum(x * x for x in row) ** 0.5 - mean_norm) / mean_norm) ** 2 for row in v.tolist()) / len(v)
+    assert norm_loss(v, mean_norm).item() == pytest.approx(by_hand, rel=1e-5)
+    # ... with the objective's target taken from the real vocabulary table of the base
+    assert system.objective.target_norms == pytest.approx([system.vocab_table.norm(dim=-1).mean().item()])
 
 
 def test_contrastive_loss_properties():
@@ -286,19 +331,52 @@ def test_tuning_lowers_the_loss_on_a_fixed_image(tiny_base_dir):
     del g
 
 
+def _same(a, b) -> bool:
+    """Equal in value, type and (for tensors) dtype and shape, recursively."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _saved(folder: Path, kind: str) -> tuple[dict, dict]:
+    import json
+
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / f"{kind}.json").read_text())
+    meta.pop("saved", None)  # the save time
+    return meta, load_file(folder / f"{kind}.safetensors")
+
+
 def test_concept_and_encoder_round_trip_exactly(system, tmp_path, tiny_base_dir):
+    """Every field and tensor survives save -> load, and saving the loaded object writes the same files."""
+    import dataclasses
+
+    from datencoder.config import to_dict
+
     pixels = torch.rand(3, system.base.resolution, system.base.resolution) * 2 - 1
     system.cfg.tune.steps = 1
     concept = personalize(system, pixels)
+    assert concept.factors and concept.info and concept.config and concept.base
     concept.save(tmp_path / "c")
     loaded = Concept.load(tmp_path / "c", system.base)
-    assert torch.equal(loaded.embedding, concept.embedding) and loaded.hard_word == concept.hard_word
-    assert loaded.factors.keys() == concept.factors.keys()
-    assert all(torch.equal(loaded.factors[k][1], concept.factors[k][1]) for k in concept.factors)
-    system.save(tmp_path / "enc")
+    for f in dataclasses.fields(Concept):
+        assert _same(getattr(loaded, f.name), getattr(concept, f.name)), f.name
+    loaded.save(tmp_path / "c2")
+    assert _same(_saved(tmp_path / "c2", "concept"), _saved(tmp_path / "c", "concept"))
+
+    info = {"steps": 3, "note": "round trip"}
+    system.save(tmp_path / "enc", info=info)
     again = EncoderSystem.load(tmp_path / "enc")
-    for (k, a), (_, b) in zip(system.encoder.state_dict().items(), again.encoder.state_dict().items()):
-        assert torch.equal(a, b), k
+    assert _same(again.encoder.state_dict(), system.encoder.state_dict())
+    assert to_dict(again.cfg) == to_dict(system.cfg)
+    assert (again.base.name, again.base.fingerprint) == (system.base.name, system.base.fingerprint)
+    again.save(tmp_path / "enc2", info=info)
+    assert _same(_saved(tmp_path / "enc2", "encoder"), _saved(tmp_path / "enc", "encoder"))
     system.cfg.tune.steps = 12
 
 

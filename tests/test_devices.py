@@ -60,6 +60,7 @@ def test_bf16_base_personalises_and_generates_finite_with_fp32_trainables(tiny_c
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images.float()).all()
 
 
+@pytest.mark.floor
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_clip_base_dir):
     base = load_base(str(tiny_clip_base_dir))
     system = _system(base, _cfg(tiny_clip_base_dir))
@@ -91,10 +92,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_clip_base_dir):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.floor
 def test_tuning_with_gradient_checkpointing_matches_and_restores(tiny_clip_base_dir):
     base = load_base(str(tiny_clip_base_dir))
+    calls = []
+    block = base.unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    block.register_forward_pre_hook(lambda *args: calls.append(torch.is_grad_enabled()))  # recomputing may stop early
     plain = personalize(_system(base, _cfg(tiny_clip_base_dir)), PIXELS)
+    n_plain = len(calls)
     ckpt = personalize(_system(base, _cfg(tiny_clip_base_dir, gradient_checkpointing=True)), PIXELS)
+    # the frozen (eval-mode) UNet really checkpoints: each training forward of the block runs again in backward
+    assert len(calls) - n_plain == n_plain + sum(calls[:n_plain])
     assert not base.unet.is_gradient_checkpointing
     torch.testing.assert_close(plain.embedding, ckpt.embedding, rtol=1e-5, atol=1e-6)
     for key, (A, B) in plain.factors.items():

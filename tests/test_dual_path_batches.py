@@ -83,15 +83,29 @@ def test_one_concept_with_a_batch_of_prompts_equals_each_row_alone(system, dual_
     torch.testing.assert_close(terms["diffusion"], torch.stack(rows).mean(), rtol=1e-5, atol=1e-6)
 
 
-def test_the_dual_path_sees_each_rows_own_hard_prompt(system):
-    """Rows of a batch get different vanilla-path contexts (not copies of the first prompt's)."""
+def test_the_dual_path_sees_each_rows_own_hard_prompt(system, monkeypatch):
+    """Only the hard prompt differs between the rows: each row equals its own hard prompt alone.
+
+    One embedding, one prompt template, one noisy latent in every row, so the soft path is the same
+    in all of them; the hard word differs per row. A vanilla path that gave every row row 0's hard
+    prompt would make rows 1 and 2 equal to row 0 instead of to their own prompts.
+    """
     embedding, factors = _concept(system)
-    batch = _batch(system, len(PROMPTS))
-    batch = NoisyLatents(*(x[:1].expand(len(PROMPTS), *x.shape[1:]) for x in
+    words = ["dog", "cat", "car"]
+    prompts = ["a photo of S*"] * len(words)
+    batch = _batch(system, 1)
+    batch = NoisyLatents(*(x.expand(len(words), *x.shape[1:]) for x in
                            (batch.latents, batch.noise, batch.timesteps, batch.noisy)))
+    objective = system.objective
     with torch.no_grad():
-        pred = system.objective.predict(batch, PROMPTS, embedding, factors, True)
-    assert not torch.allclose(pred[0], pred[1], atol=1e-6) and not torch.allclose(pred[1], pred[2], atol=1e-6)
+        monkeypatch.setattr(objective, "hard_words", lambda _: words)
+        together = objective.predict(batch, prompts, embedding, factors, True)
+        for i, word in enumerate(words):
+            monkeypatch.setattr(objective, "hard_words", lambda _, word=word: [word])
+            alone = objective.predict(_rows(batch, i), prompts[:1], embedding, factors, True)
+            torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+    # the hard prompts do move the output: the rows differ by far more than the tolerance above
+    assert min((together[i] - together[j]).abs().max() for i, j in ((0, 1), (1, 2), (0, 2))) > 1e-3
 
 
 def test_processor_refuses_a_context_with_another_batch(system):

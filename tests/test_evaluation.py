@@ -372,10 +372,14 @@ def test_manifest_category_filter_for_single_domain_pretraining(emoji_root):
 
 
 def test_missing_encoder_fails_before_any_work(tiny_base_dir, emoji_root, evaluator_dir, tmp_path):
-    cfg = _eval_config(tiny_base_dir, emoji_root, evaluator_dir, tmp_path / "nowhere", tmp_path / "eval")
-    with pytest.raises(DatencoderError, match=r"no pre-trained encoder for ours-1 \("):
-        run_evaluation(cfg)
-    assert not (tmp_path / "eval" / "records.jsonl").exists()
+    """Nothing is written, not even the output folder or its setup files, before the check fails."""
+    (tmp_path / "existing").mkdir()
+    for out in (tmp_path / "eval", tmp_path / "existing"):
+        cfg = _eval_config(tiny_base_dir, emoji_root, evaluator_dir, tmp_path / "nowhere", out)
+        with pytest.raises(DatencoderError, match=r"no pre-trained encoder for ours-1 \("):
+            run_evaluation(cfg)
+    assert not (tmp_path / "eval").exists()
+    assert list((tmp_path / "existing").iterdir()) == []
 
 
 @pytest.mark.parametrize("data, message", [

@@ -44,7 +44,7 @@ STOCK_SCRIPT = textwrap.dedent("""
         pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
-        pipe.load_lora_weights(folder)
+        pipe.load_lora_weights(folder, weight_name="pytorch_lora_weights.safetensors")
         pipe.load_textual_inversion(folder, token=token)
         images = pipe(prompt, num_images_per_prompt=2, num_inference_steps=2, guidance_scale=7.5,
                       generator=torch.Generator().manual_seed(0), output_type="np").images
@@ -110,6 +110,7 @@ def test_export_files_in_diffusers_layout(exported, family):
     assert "load_textual_inversion" in readme and "Single path" in readme
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_matches_stock_diffusers(exported, family):
     base, concept, _, stock = exported[family]

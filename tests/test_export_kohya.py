@@ -94,7 +94,7 @@ def test_kohya_matches_diffusers_export(kohya, tiny_clip_base_dir):
     # diffusers detects the kohya layout (all keys lora_unet_*) and converts it itself
     ours.load_lora_weights(str(out), weight_name="my_concept_lora.safetensors")
     ours.load_textual_inversion(str(out / "my_concept.safetensors"), token="my_concept")
-    theirs.load_lora_weights(str(reference))
+    theirs.load_lora_weights(str(reference), weight_name="pytorch_lora_weights.safetensors")
     theirs.load_textual_inversion(str(reference), token="my_concept")
     table = ours.text_encoder.get_input_embeddings().weight
     assert torch.equal(table[ours.tokenizer.convert_tokens_to_ids("my_concept")], concept.embedding)

@@ -2,9 +2,9 @@
 
 The LoRA is written by diffusers' own ``StableDiffusionPipeline.save_lora_weights`` (keys
 ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` plus the PEFT ``LoraConfig`` as adapter
-metadata), so ``pipe.load_lora_weights(folder)`` reads it back; the embedding of S* is written as
-``learned_embeds.safetensors`` holding ``{token: [D]}``, the layout ``pipe.load_textual_inversion``
-reads.
+metadata), so ``pipe.load_lora_weights(folder, weight_name=LORA_FILE)`` reads it back; the
+embedding of S* is written as ``learned_embeds.safetensors`` holding ``{token: [D]}``, the layout
+``pipe.load_textual_inversion`` reads.
 
 SDXL concepts (two text encoders) are written by ``StableDiffusionXLPipeline.save_lora_weights``
 and the embedding in the layout SDXL embeddings are shared in (AUTOMATIC1111, ComfyUI, diffusers'
@@ -75,7 +75,8 @@ def _readme(concept: Concept, has_lora: bool, folder: Path) -> str:
     embedding = (embedding_code(f"folder + '/{EMBEDDING_FILE}'", token, True) if sdxl
                  else [f"pipe.load_textual_inversion(folder, token={token!r})"])
     code = [*load_code(base, sdxl=sdxl), f"folder = {str(folder)!r}",
-            *(["pipe.load_lora_weights(folder)"] if has_lora else []), *embedding,
+            # weight_name named: without it diffusers (0.34-0.38) refuses a local folder when HF_HUB_OFFLINE=1
+            *([f"pipe.load_lora_weights(folder, weight_name={LORA_FILE!r})"] if has_lora else []), *embedding,
             *sample_code(f"a photo of {token} on the beach")]
     standalone = ([f"Or write the base once as a standalone folder, `datencoder export-base {base} --out DIR`,",
                    "and load it with StableDiffusionPipeline.from_pretrained(DIR) instead.", ""]

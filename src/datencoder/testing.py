@@ -23,6 +23,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -87,8 +89,10 @@ def _bert_parts(max_length: int):
         [*_BERT_SPECIALS, *TINY_WORDS, *_LETTERS, *(f"##{s}" for s in _WORDPIECE_SUFFIXES),
          *(f"##{c}" for c in _LETTERS), ".", ",", "!", "?", "-", "'", "*"]
     )
-    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True,
-                              model_max_length=max_length)
+    # Loaded from written files: every transformers release reads them (some take no in-memory vocab).
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "vocab.txt").write_text("\n".join(vocab) + "\n")
+        tokenizer = BertTokenizer.from_pretrained(tmp, do_lower_case=True, model_max_length=max_length)
     config = BertConfig(
         vocab_size=len(vocab), hidden_size=_TEXT_HIDDEN, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=2 * _TEXT_HIDDEN, max_position_embeddings=max_length, pad_token_id=0,
@@ -96,24 +100,48 @@ def _bert_parts(max_length: int):
     return tokenizer, BertModel(config, add_pooling_layer=False)
 
 
+def _bpe_merges(words) -> list[tuple[str, str]]:
+    """Byte-pair merges that make each word one "word</w>" token, learned deterministically.
+
+    Plain BPE training, each word counted once; ties between equally frequent pairs (nearly every
+    pair here) go to the alphabetically first pair. A trainer that breaks ties in hash order gives
+    a different vocabulary on every build, and with it different token ids and different models.
+    """
+    seqs = [(*w[:-1], w[-1] + "</w>") for w in _unique(words)]
+    merges = []
+    while seqs:
+        counts = Counter(pair for seq in seqs for pair in zip(seq, seq[1:]))
+        pair = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(pair)
+        merged = []
+        for seq in seqs:
+            out, i = [], 0
+            while i < len(seq):
+                if seq[i:i + 2] == pair:
+                    out.append(pair[0] + pair[1])
+                    i += 2
+                else:
+                    out.append(seq[i])
+                    i += 1
+            if len(out) > 1:
+                merged.append(tuple(out))
+        seqs = merged
+    return merges
+
+
 def _clip_tokenizer(max_length: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
 
-    # Byte-level BPE learned on TINY_WORDS (so each of them is one "word</w>" token), plus every
+    # Byte-level BPE whose merges make each of TINY_WORDS one "word</w>" token, plus every
     # printable ASCII character with and without the end-of-word marker so any ASCII text encodes.
     chars = [chr(c) for c in range(33, 127)]
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token=_CLIP_EOS))
-    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.BpeTrainer(vocab_size=10_000, min_frequency=1, show_progress=False,
-                                  initial_alphabet=chars, end_of_word_suffix="</w>",
-                                  special_tokens=[_CLIP_BOS, _CLIP_EOS])
-    bpe.train_from_iterator([" ".join(TINY_WORDS)], trainer=trainer)
-    learned = json.loads(bpe.to_str())["model"]
-    vocab = _unique([*sorted(learned["vocab"], key=learned["vocab"].get), *chars,
-                     *(c + "</w>" for c in chars)])
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=max_length)
+    merges = _bpe_merges(TINY_WORDS)
+    vocab = _unique([_CLIP_BOS, _CLIP_EOS, *chars, *(c + "</w>" for c in chars), *(a + b for a, b in merges)])
+    # Written out as vocab.json + merges.txt, the files of a real CLIP tokenizer, and loaded from them.
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+        Path(tmp, "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length)
 
 
 def _clip_text(tokenizer, hidden: int, *, projection_dim: int | None = None, hidden_act: str = "quick_gelu"):
@@ -200,7 +228,7 @@ def _pipeline(family: str, text_encoder: str):
     if family == "sdxl":
         # One vocabulary for both tokenizers, as in SDXL; the second pads with "!" like OpenCLIP's.
         tokenizer = _clip_tokenizer(MAX_LENGTHS["clip"])
-        tokenizer_2 = copy.deepcopy(tokenizer)  # one vocabulary (BPE training may order ties anew)
+        tokenizer_2 = copy.deepcopy(tokenizer)
         tokenizer_2.pad_token = "!"
         text_1 = _clip_text(tokenizer, _SDXL_HIDDEN[0])
         text_2 = _clip_text(tokenizer_2, _SDXL_HIDDEN[1], projection_dim=_SDXL_POOLED, hidden_act="gelu")

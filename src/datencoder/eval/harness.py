@@ -96,6 +96,18 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
     from ..image_io import image_to_tensor, load_image, save_image_atomic
     from ..pipeline import ConceptPipeline
 
+    chosen = [m for m in cfg.methods if methods is None or m.name in methods]
+    unknown = sorted(set(methods or []) - {m.name for m in cfg.methods})
+    if unknown:
+        raise DatencoderError(f"unknown method(s) {unknown}; the config has {[m.name for m in cfg.methods]}")
+    from ..system import encoder_path
+
+    missing = [f"{m.name} ({m.encoder})" for m in chosen
+               if m.kind == "ours" and not (encoder_path(m.encoder) / "encoder.json").is_file()]
+    if missing:  # fail before hours of baselines (and before writing anything), not at the first encoder
+        raise DatencoderError(f"no pre-trained encoder for {', '.join(missing)}; pre-train them "
+                              "(docs/evaluation.md) or leave them out with --methods")
+
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     setup = {"prompts": cfg.prompts, "seeds": cfg.seeds, "sample_steps": cfg.sample_steps,
@@ -109,17 +121,6 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
     write_json_atomic(setup_file, setup)
     write_json_atomic(out / "eval_config.json", to_dict(cfg))
 
-    chosen = [m for m in cfg.methods if methods is None or m.name in methods]
-    unknown = sorted(set(methods or []) - {m.name for m in cfg.methods})
-    if unknown:
-        raise DatencoderError(f"unknown method(s) {unknown}; the config has {[m.name for m in cfg.methods]}")
-    from ..system import encoder_path
-
-    missing = [f"{m.name} ({m.encoder})" for m in chosen
-               if m.kind == "ours" and not (encoder_path(m.encoder) / "encoder.json").is_file()]
-    if missing:  # fail before hours of baselines, not when the first encoder method comes up
-        raise DatencoderError(f"no pre-trained encoder for {', '.join(missing)}; pre-train them "
-                              "(docs/evaluation.md) or leave them out with --methods")
     targets = select_targets(cfg.targets, shard)
     per_pair = len(cfg.prompts) * len(cfg.seeds)
     names = {m.name for m in chosen}
