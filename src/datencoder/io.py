@@ -309,6 +309,9 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except (OSError, SafetensorError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_error(final, err) from err
+    except DatencoderError as err:  # a file's write failed: name where it was going, not the temp folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DatencoderError(str(err).replace(str(tmp), str(final))) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
