@@ -220,8 +220,16 @@ def _no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_full_disk_at_write_time_is_one_line_and_leaves_nothing(world, capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(dio, "save_file", _no_space)  # the low-level tensor write of datencoder.io
+def _no_space_safetensors(*args, **kwargs):  # what safetensors' Rust writer raises on a full tmpfs
+    from safetensors import SafetensorError
+
+    raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                          'message: "No space left on device" })')
+
+
+@pytest.mark.parametrize("fault", [_no_space, _no_space_safetensors])
+def test_full_disk_at_write_time_is_one_line_and_leaves_nothing(world, capsys, tmp_path, monkeypatch, fault):
+    monkeypatch.setattr(dio, "save_file", fault)  # the low-level tensor write of datencoder.io
     msg = _error(capsys, _personalize(world, tmp_path / "c"))
     assert "could not write" in msg and "no space left on the device" in msg
     msg = _error(capsys, ["export", world["concept"], "--out", tmp_path / "exp"])
