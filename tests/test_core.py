@@ -391,7 +391,7 @@ def test_library_never_imports_recipes():
     root = Path(__import__("datencoder").__file__).parent
     offenders = []
     for path in root.rglob("*.py"):
-        if "recipes" in path.relative_to(root).parts:
+        if "recipes" in path.relative_to(root).parts or path.name == "__main__.py":  # entry points
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = []

@@ -384,7 +384,7 @@ def test_missing_encoder_fails_before_any_work(tiny_base_dir, emoji_root, evalua
 
 @pytest.mark.parametrize("data, message", [
     ({"sample_steps": 0}, "sample_steps must be >= 1"),
-    ({"guidance": float("nan")}, "guidance must be a finite number"),
+    ({"guidance": float("nan")}, "'guidance' must be a finite number"),
     ({"scheduler": "plms"}, "scheduler must be one of"),
     ({"grids": -1}, "grids must be >= 0"),
     ({"seeds": [-1]}, "every evaluation seed"),

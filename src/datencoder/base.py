@@ -527,6 +527,10 @@ def load_base(pretrained: str = DEFAULT_BASE, image_tower: str | None = None, *,
 
     name = str(pretrained)
     torch_dtype = resolve_dtype(torch_dtype)
+    # The fingerprint summarises weights through fp16, so fp32 and fp16 copies agree; bf16 values
+    # cannot be rounded back to the stored ones, so a bf16 base is read as fp32, fingerprinted, then
+    # cast: the same fingerprint in every precision (host memory holds the fp32 copy while loading).
+    load_dtype = torch.float32 if torch_dtype == torch.bfloat16 else torch_dtype
     root, local = _resolve(name)
     if local and name not in SHIPPED_BASES:
         name = str(Path(root).resolve())  # recorded in artifacts: must not depend on the working directory
@@ -540,18 +544,18 @@ def load_base(pretrained: str = DEFAULT_BASE, image_tower: str | None = None, *,
     with quiet_loading():
         try:
             unet = UNet2DConditionModel.from_pretrained(
-                root, subfolder="unet", revision=revision, torch_dtype=torch_dtype,
+                root, subfolder="unet", revision=revision, torch_dtype=load_dtype,
                 variant=_variant(Path(str(root)) / "unet", variant, local))
             vae = AutoencoderKL.from_pretrained(
-                root, subfolder="vae", revision=revision, torch_dtype=torch_dtype,
+                root, subfolder="vae", revision=revision, torch_dtype=load_dtype,
                 variant=_variant(Path(str(root)) / "vae", variant, local))
             # Training noise: DDPM with the model's own betas and prediction type, as diffusers'
             # training scripts do whatever sampler class the folder names.
             scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", revision=revision)
-            tokenizer, text_encoder = _load_text(root, spec, revision, torch_dtype, variant, local)
+            tokenizer, text_encoder = _load_text(root, spec, revision, load_dtype, variant, local)
             tokenizer_2 = text_encoder_2 = None
             if unet.config.addition_embed_type == "text_time":  # SDXL: the UNet needs the pooled text
-                tokenizer_2, text_encoder_2 = _load_text_2(root, revision, torch_dtype, variant, local)
+                tokenizer_2, text_encoder_2 = _load_text_2(root, revision, load_dtype, variant, local)
         except DatencoderError:
             raise
         except Exception as err:  # loaders raise many types (OSError, ValueError, hub errors, ...)
@@ -559,7 +563,7 @@ def load_base(pretrained: str = DEFAULT_BASE, image_tower: str | None = None, *,
         mean, std, size, tower = _CLIP_MEAN, _CLIP_STD, 224, None
         if tower_src is not None:
             try:
-                tower, (mean, std, size) = _load_image_tower(tower_src, revision, torch_dtype, variant)
+                tower, (mean, std, size) = _load_image_tower(tower_src, revision, load_dtype, variant)
             except Exception as err:
                 raise DatencoderError(
                     f"could not load image tower '{tower_src}': {_first_line(err)}; pass a transformers "
@@ -572,7 +576,7 @@ def load_base(pretrained: str = DEFAULT_BASE, image_tower: str | None = None, *,
         name=name, fingerprint=base_fingerprint(unet, text_encoder, text_encoder_2),
         tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2,
     )
-    base.to(device=device)
+    base.to(device=device, dtype=torch_dtype if torch_dtype != load_dtype else None)
     log.info("loaded base model %s (%s, resolution %d, fingerprint %s)", name,
              type(text_encoder).__name__, base.resolution, base.fingerprint)
     return base

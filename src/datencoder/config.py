@@ -9,6 +9,7 @@ back, so an artifact always says exactly how it was made.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -53,15 +54,15 @@ def check_seed(seed: int, where: str = "seed") -> int:
 
 
 _RULES = {
-    "> 0": lambda v: v > 0,
-    ">= 0": lambda v: v >= 0,
-    ">= 1": lambda v: v >= 1,
+    "> 0": lambda v: 0 < v < float("inf"),
+    ">= 0": lambda v: 0 <= v < float("inf"),
+    ">= 1": lambda v: 1 <= v < float("inf"),
     "in [0, 1]": lambda v: 0 <= v <= 1,
     "in [0, 1)": lambda v: 0 <= v < 1,
     "in (0, 1]": lambda v: 0 < v <= 1,
     "finite": lambda v: abs(v) < float("inf"),
 }
-"""Domains used by the configs' ``__post_init__``; written so that NaN fails every one of them."""
+"""Domains used by the configs' ``__post_init__``; written so that NaN and infinity fail every one of them."""
 
 
 def check_range(config: Any, section: str, rule: str, *names: str) -> None:
@@ -294,6 +295,10 @@ class TrainConfig:
         return LoopConfig.taken_from(self, work_dir=self.output_dir, num_workers=num_workers)
 
 
+TUNE_STEPS_MAX = 1000
+"""The most tuning steps a personalisation takes (TuneConfig.steps); pre-training is not limited."""
+
+
 @dataclass
 class TuneConfig:
     steps: int = 12
@@ -319,6 +324,9 @@ class TuneConfig:
         if self.templates is not None and not self.templates:
             raise DatencoderError("tune.templates is empty; give prompt templates with S* or leave it unset")
         check_range(self, "tune", ">= 0", "steps")
+        if self.steps > TUNE_STEPS_MAX:
+            raise DatencoderError(f"tune.steps must be at most {TUNE_STEPS_MAX} (personalisation tunes a few steps, "
+                                  f"the paper 15; each takes about a second on a CPU), got {self.steps}")
         check_range(self, "tune", ">= 1", "batch_size")
         check_range(self, "tune", "> 0", "lr_embedding", "lr_lora", "lr_heads")
         check_seed(self.seed, "tune.seed")
@@ -411,6 +419,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise DatencoderError(f"config key '{where}' must be an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # .inf / .nan in YAML: no setting means that
+                raise DatencoderError(f"config key '{where}' must be a finite number, got {value!r}")
             return float(value)
         raise DatencoderError(f"config key '{where}' must be a number, got {value!r}")
     if tp is str:

@@ -22,16 +22,16 @@ PEFT scales the offset by ``lora_alpha / r``; the concept's offset is ``scale * 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from .concept import Concept
 from .errors import DatencoderError
-from .export_base import borrows_parts, embedding_code, is_sdxl_concept, load_code, sample_code
-from .export_kohya import export_kohya
-from .io import save_file_atomic, write_atomic, write_text_atomic
+from .export_base import (borrows_parts, concept_sample, embedding_code, generate_flags, is_sdxl_concept, load_code,
+                          sample_code)
+from .export_kohya import export_kohya, kohya_stem
+from .io import atomic_dir, check_replaceable, save_file_atomic, write_atomic, write_text_atomic
 
-__all__ = ["export_concept", "export_diffusers", "FORMATS", "LORA_FILE", "EMBEDDING_FILE"]
+__all__ = ["export_concept", "export_diffusers", "export_size", "FORMATS", "LORA_FILE", "EMBEDDING_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def _embedding_tensors(concept: Concept) -> dict:
 
 def _readme(concept: Concept, has_lora: bool, folder: Path) -> str:
     base, token, sdxl = concept.base.get("name", "?"), concept.token, is_sdxl_concept(concept)
+    sample = concept_sample(concept)
     layout = " (clip_l/clip_g: one vector per text encoder)" if sdxl else ""
     files = [f"  {EMBEDDING_FILE}: textual-inversion embedding of the token {token}{layout}"]
     if has_lora:
@@ -77,7 +78,7 @@ def _readme(concept: Concept, has_lora: bool, folder: Path) -> str:
     code = [*load_code(base, sdxl=sdxl), f"folder = {str(folder)!r}",
             # weight_name named: without it diffusers (0.34-0.38) refuses a local folder when HF_HUB_OFFLINE=1
             *([f"pipe.load_lora_weights(folder, weight_name={LORA_FILE!r})"] if has_lora else []), *embedding,
-            *sample_code(f"a photo of {token} on the beach")]
+            *sample_code(f"a photo of {token} on the beach", sample)]
     standalone = ([f"Or write the base once as a standalone folder, `datencoder export-base {base} --out DIR`,",
                    "and load it with StableDiffusionPipeline.from_pretrained(DIR) instead.", ""]
                   if borrows_parts(base) else [])
@@ -86,7 +87,8 @@ def _readme(concept: Concept, has_lora: bool, folder: Path) -> str:
         f"Base model: {base} (fingerprint {concept.base.get('fingerprint', '?')}).",
         "Use the same base model the concept was made with.", "", "Load it:", "", *(f"    {c}" for c in code), "",
         "This is the image of `datencoder generate <concept folder> \"a photo of "
-        f"{concept.placeholder} on the beach\" --no-dual-path --num-images 1 --seed 0`.",
+        f"{concept.placeholder} on the beach\" --no-dual-path {generate_flags(sample)}`",
+        "(the concept's own sampling settings, spelled out).",
         f"Write {token} where datencoder prompts use {concept.placeholder}.", "", *standalone,
         "Single path only. datencoder samples with the dual-path blend",
         f"(a = {concept.blend_self} for self-, {concept.blend_cross} for cross-attention): each attention "
@@ -97,17 +99,14 @@ def _readme(concept: Concept, has_lora: bool, folder: Path) -> str:
     ])
 
 
-def export_diffusers(concept: Concept, out_dir: str | Path) -> Path:
-    """Write the concept as a diffusers LoRA + textual-inversion embedding + README.txt."""
+def export_diffusers(concept: Concept, out_dir: str | Path, final: str | Path | None = None) -> Path:
+    """Write the concept as a diffusers LoRA + textual-inversion embedding + README.txt into
+    ``out_dir`` (an empty folder; ``final``: where it will live, named in the README)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     is_sdxl_concept(concept)  # refuse an unknown text-encoder layout before writing anything
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DatencoderError(f"--out {out_dir} is a file; pass a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Each file is written atomically (the folder may hold the user's other files, so it is not
-    # swapped whole): a crash never leaves a half-written file under its real name.
     has_lora = bool(concept.factors)
     if has_lora:
         state, metadata = _lora_state_and_metadata(concept)
@@ -117,9 +116,7 @@ def export_diffusers(concept: Concept, out_dir: str | Path) -> Path:
             Path(tmp).parent, unet_lora_layers=state, unet_lora_adapter_metadata=metadata,
             weight_name=Path(tmp).name))
     save_file_atomic(out_dir / EMBEDDING_FILE, _embedding_tensors(concept), metadata={"format": "pt"})
-    write_text_atomic(out_dir / README_FILE, _readme(concept, has_lora, out_dir.resolve()))
-    if not has_lora and (out_dir / LORA_FILE).exists():
-        os.unlink(out_dir / LORA_FILE)  # a stale LoRA from an earlier export would be wrong
+    write_text_atomic(out_dir / README_FILE, _readme(concept, has_lora, Path(final or out_dir).resolve()))
     log.debug("exported %d LoRA layers and the embedding of %s to %s", len(concept.factors), concept.token, out_dir)
     return out_dir
 
@@ -127,8 +124,33 @@ def export_diffusers(concept: Concept, out_dir: str | Path) -> Path:
 FORMATS = {"diffusers": export_diffusers, "kohya": export_kohya}
 
 
-def export_concept(concept: Concept, out_dir: str | Path, format: str = "diffusers") -> Path:
-    """Export ``concept`` to ``out_dir`` in one of ``FORMATS``."""
+def export_size(concept: Concept) -> int:
+    """Bytes an export of ``concept`` takes, about: its tensors in fp32, plus headers and the README."""
+    tensors = [concept.embedding, *(t for pair in concept.factors.values() for t in pair)]
+    return 4 * sum(t.numel() for t in tensors) + 2**16
+
+
+def _export_names(out_dir: Path) -> set[str]:
+    """Every file name an export of either format writes in ``out_dir``."""
+    stem = kohya_stem(out_dir)
+    return {LORA_FILE, EMBEDDING_FILE, README_FILE, f"{stem}_lora.safetensors", f"{stem}.safetensors"}
+
+
+def export_concept(concept: Concept, out_dir: str | Path, format: str = "diffusers", overwrite: bool = True) -> Path:
+    """Export ``concept`` to ``out_dir`` in one of ``FORMATS``.
+
+    The folder is written whole beside ``out_dir`` and swapped in (``io.atomic_dir``): a kill leaves
+    the earlier export or the new one, never a mix of the two. A folder holding other files is
+    refused (it would be replaced); an earlier export is replaced only with ``overwrite``."""
     if format not in FORMATS:
         raise DatencoderError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
-    return FORMATS[format](concept, out_dir)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DatencoderError(f"--out {out_dir} is a file; pass a folder")
+    check_replaceable(out_dir, _export_names(out_dir), "concept export")
+    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise DatencoderError(f"--out {out_dir} already holds an export; pass --overwrite to replace it "
+                              "or choose another --out")
+    with atomic_dir(out_dir) as tmp:
+        FORMATS[format](concept, tmp, out_dir)
+    return out_dir

@@ -29,8 +29,8 @@ from .base import DEFAULT_BASE, SHIPPED_BASES, BaseModel, _read_base_json, _reso
 from .io import atomic_dir, write_text_atomic
 from .errors import DatencoderError
 
-__all__ = ["export_base", "check_export_dir", "load_code", "sample_code", "borrows_parts", "assembly_readme",
-           "is_sdxl_concept", "embedding_code"]
+__all__ = ["export_base", "check_export_dir", "pipeline_bytes", "load_code", "sample_code", "generate_flags",
+           "concept_sample", "borrows_parts", "assembly_readme", "is_sdxl_concept", "embedding_code"]
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,35 @@ def embedding_code(path_expr: str, token: str, sdxl: bool) -> list[str]:
             "tokenizer=pipe.tokenizer_2)"]
 
 
-def sample_code(prompt: str) -> list[str]:
-    """The sampling call matching ``datencoder generate PROMPT --num-images 1 --seed 0`` (defaults)."""
-    return [f"image = pipe({prompt!r}, num_inference_steps=25, guidance_scale=7.5,",
-            "             generator=torch.Generator().manual_seed(0)).images[0]"]
+def sample_code(prompt: str, sample=None) -> list[str]:
+    """The sampling call matching ``datencoder generate PROMPT`` with ``sample``'s settings
+    (a ``SampleConfig``; its defaults when None) and one image: the flags ``generate_flags`` names."""
+    from .config import SampleConfig
+
+    sample = sample or SampleConfig()
+    extra = "".join(f", {name}={value!r}" for name, value in (
+        ("negative_prompt", sample.negative_prompt or None), ("height", sample.height), ("width", sample.width))
+        if value is not None)
+    return [f"image = pipe({prompt!r}, num_inference_steps={sample.steps}, guidance_scale={sample.guidance}{extra},",
+            f"             generator=torch.Generator().manual_seed({sample.seed})).images[0]"]
+
+
+def concept_sample(concept):
+    """The SampleConfig ``generate`` uses for ``concept`` without flags: the concept's ``sample``."""
+    from .config import SampleConfig, from_dict
+
+    return from_dict(SampleConfig, (concept.config or {}).get("sample"))
+
+
+def generate_flags(sample) -> str:
+    """The ``datencoder generate`` flags that pin every setting ``sample_code`` uses (so the named
+    command makes the same image whatever the concept's own defaults are)."""
+    flags = [f"--num-images 1 --seed {sample.seed} --steps {sample.steps} --guidance {sample.guidance}",
+             "--scheduler ddim"]  # the loading code installs DDIM
+    if sample.negative_prompt:
+        flags.append(f"--negative-prompt {sample.negative_prompt!r}")
+    flags += [f"--{name} {value}" for name, value in (("height", sample.height), ("width", sample.width)) if value]
+    return " ".join(flags)
 
 
 def _complete_folder_code(pipeline: str, source: str, extra: str) -> list[str]:
@@ -156,22 +181,32 @@ def _readme(base: BaseModel, folder: Path) -> str:
     ])
 
 
-def check_export_dir(out_dir: str | Path) -> Path:
-    """Refuse an ``out_dir`` that holds anything but an earlier exported base (it is replaced whole)."""
+def check_export_dir(out_dir: str | Path, overwrite: bool = True) -> Path:
+    """Refuse an ``out_dir`` that holds anything but an earlier exported base (it is replaced whole),
+    and that one too unless ``overwrite``."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir())
                                                         and not (out_dir / "model_index.json").is_file())):
         raise DatencoderError(f"--out {out_dir} exists and is not an exported base; pass a new folder")
+    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise DatencoderError(f"--out {out_dir} already holds an exported base; pass --overwrite to replace it "
+                              "or choose another --out")
     return out_dir
 
 
-def export_base(base: BaseModel, out_dir: str | Path) -> Path:
+def pipeline_bytes(base: BaseModel) -> int:
+    """Bytes the exported folder takes, about: every weight of every part in fp32, plus the tokenizer."""
+    parts = [base.unet, base.vae, base.text_encoder]
+    return 4 * sum(p.numel() for part in parts for p in part.parameters()) + 2**24
+
+
+def export_base(base: BaseModel, out_dir: str | Path, overwrite: bool = True) -> Path:
     """Write ``base`` as a complete ``StableDiffusionPipeline`` folder at ``out_dir`` (replaced whole)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from .base import quiet_loading
 
-    out_dir = check_export_dir(out_dir)
+    out_dir = check_export_dir(out_dir, overwrite)
     root, local = _resolve(base.name)
     tower = Path(root) / "image_tower" if local else None
     # Written beside the target and swapped in, so a reader never sees half a folder.

@@ -34,9 +34,9 @@ from torch import Tensor
 from .io import save_file_atomic, write_text_atomic
 from .concept import Concept
 from .errors import DatencoderError
-from .export_base import embedding_code, is_sdxl_concept, load_code, sample_code
+from .export_base import concept_sample, embedding_code, generate_flags, is_sdxl_concept, load_code, sample_code
 
-__all__ = ["export_kohya", "kohya_lora_tensors", "kohya_module_name", "a1111_embedding_tensors", "is_sdxl"]
+__all__ = ["export_kohya", "kohya_stem", "kohya_lora_tensors", "kohya_module_name", "a1111_embedding_tensors", "is_sdxl"]
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,8 @@ def _base_configs(name: str) -> tuple[dict, str]:
     return unet_config, text_type
 
 
-def _stem(out_dir: Path) -> str:
+def kohya_stem(out_dir: Path) -> str:
+    """The file stem (and token) of a kohya export: the folder's name, made safe."""
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", out_dir.resolve().name).strip("_")
     return stem or "concept"
 
@@ -142,19 +143,20 @@ def _readme(concept: Concept, stem: str, folder: Path) -> str:
             *load_code(base, sdxl=sdxl), f"folder = {str(folder)!r}",
             f"pipe.load_lora_weights(folder, weight_name='{stem}_lora.safetensors')",
             *embedding_code(f"folder + '/{stem}.safetensors'", stem, sdxl),
-            *sample_code(f"a photo of {stem} on the beach")]), "",
+            *sample_code(f"a photo of {stem} on the beach", concept_sample(concept))]), "",
         f"Write {stem} where datencoder prompts use {concept.placeholder}. Single path only: datencoder",
         f"samples with the dual-path blend (a = {concept.blend_self} self-, {concept.blend_cross} cross-attention,",
         f"hard word {concept.hard_word!r}); a plain LoRA cannot express it, so this file is the concept with",
-        "a = 1 and matches `datencoder generate ... --no-dual-path`. The LoRA is fp16 (the concept is fp32).", "",
+        "a = 1 and matches `datencoder generate ... --no-dual-path "
+        f"{generate_flags(concept_sample(concept))}`.", "The LoRA is fp16 (the concept is fp32).", "",
     ])
 
 
-def export_kohya(concept: Concept, out_dir: str | Path) -> Path:
-    """Write ``NAME_lora.safetensors`` + ``NAME.safetensors`` + README.txt into ``out_dir``."""
+def export_kohya(concept: Concept, out_dir: str | Path, final: str | Path | None = None) -> Path:
+    """Write ``NAME_lora.safetensors`` + ``NAME.safetensors`` + README.txt into ``out_dir`` (an empty
+    folder; ``final``: where it will live, which names NAME and is named in the README)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DatencoderError(f"--out {out_dir} is a file; pass a folder")
+    final = Path(final or out_dir)
     unet_config, text_type = _base_configs(concept.base.get("name", ""))
     if text_type not in _CLIP_TYPES:
         raise DatencoderError(f"--format kohya needs a CLIP text encoder (A1111/ComfyUI run only those); "
@@ -165,13 +167,11 @@ def export_kohya(concept: Concept, out_dir: str | Path) -> Path:
     ranks = sorted({int(A.shape[0]) for A, _ in concept.factors.values()})
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": ",".join(map(str, ranks)),
                 "ss_network_alpha": str(ranks[0] * float(concept.scale)) if len(ranks) == 1 else "per layer"}
-    stem = _stem(out_dir)
+    stem = kohya_stem(final)
     out_dir.mkdir(parents=True, exist_ok=True)
     if lora:
         save_file_atomic(out_dir / f"{stem}_lora.safetensors", lora, metadata)
-    elif (out_dir / f"{stem}_lora.safetensors").exists():
-        (out_dir / f"{stem}_lora.safetensors").unlink()  # a stale LoRA from an earlier export would be wrong
     save_file_atomic(out_dir / f"{stem}.safetensors", a1111_embedding_tensors(*concept.embedding_parts()))
-    write_text_atomic(out_dir / "README.txt", _readme(concept, stem, out_dir.resolve()))
+    write_text_atomic(out_dir / "README.txt", _readme(concept, stem, final.resolve()))
     log.debug("exported %d LoRA layers (kohya) and the A1111 embedding %s to %s", len(concept.factors), stem, out_dir)
     return out_dir

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from .errors import DatencoderError
 from .io import to_pixels, write_atomic
 
-__all__ = ["load_image", "image_to_tensor", "save_image_atomic", "make_grid"]
+__all__ = ["load_image", "image_to_tensor", "image_format", "save_image_atomic", "make_grid"]
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path, *, min_size: int = 32, max_pixels: int | None = None) -> Image.Image:
+def load_image(path: str | Path, *, min_size: int = 32, max_pixels: int | None = None,
+               warn: bool = False) -> Image.Image:
     """Open ``path`` as an RGB image (first frame, EXIF orientation applied, at least ``min_size``).
+
+    ``warn``: log a line when only part of the file is used: the first of several frames, or (by
+    ``image_to_tensor``, later) the centre square of a non-square image.
 
     ``max_pixels`` refuses larger images from the header alone, before any pixel is decoded (a
     server must not decode a 100-megapixel upload to find out it is too large).
@@ -68,6 +72,9 @@ def load_image(path: str | Path, *, min_size: int = 32, max_pixels: int | None =
             if max_pixels is not None and opened.width * opened.height > max_pixels:
                 raise DatencoderError(f"{path} is {opened.width}x{opened.height} pixels, more than the limit of "
                                      f"{max_pixels / 1e6:.1f} megapixels; use a smaller image")
+            frames = getattr(opened, "n_frames", 1)
+            if frames > 1 and warn:
+                log.warning("%s has %d frames; using the first", path, frames)
             opened.seek(0)  # animated images: the first frame
             opened.load()
             try:
@@ -87,6 +94,9 @@ def load_image(path: str | Path, *, min_size: int = 32, max_pixels: int | None =
             f"{path} is {width}x{height} pixels; personalisation needs at least {min_size}x{min_size}"
             "; use a larger image"
         )
+    if warn and width != height:
+        side = min(width, height)
+        log.warning("%s is %dx%d; using its centre %dx%d square", path, width, height, side, side)
     return image
 
 
@@ -102,12 +112,19 @@ def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     return to_pixels(square)  # [3, H, W] in [-1, 1]
 
 
-def save_image_atomic(image: Image.Image, path: str | Path) -> None:
-    """Write ``image`` to ``path`` atomically (``io.write_atomic``)."""
+def image_format(path: str | Path, option: str = "cannot save") -> str:
+    """PIL's format name for the extension of ``path``; a missing or unknown one is a one-line error."""
     path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
-        raise DatencoderError(f"cannot save {path}: unknown image extension; use .png, .jpg or .webp")
+        raise DatencoderError(f"{option} {path}: unknown image extension; use .png, .jpg or .webp")
+    return fmt
+
+
+def save_image_atomic(image: Image.Image, path: str | Path) -> None:
+    """Write ``image`` to ``path`` atomically (``io.write_atomic``)."""
+    path = Path(path)
+    fmt = image_format(path)
     if fmt == "JPEG" and image.mode not in ("RGB", "L"):
         image = _to_rgb(image)
     write_atomic(path, lambda tmp: image.save(tmp, format=fmt))

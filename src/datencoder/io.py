@@ -10,10 +10,13 @@ for another base model.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,6 +34,12 @@ __all__ = [
     "write_atomic",
     "atomic_dir",
     "replace_dir",
+    "artifact_dir",
+    "check_replaceable",
+    "claim_output",
+    "OutputBusy",
+    "check_free_space",
+    "check_finite",
     "to_pixels",
     "to_uint8",
     "to_pil",
@@ -46,6 +55,8 @@ __all__ = [
     "FORMAT_VERSION",
     "ASSETS",
 ]
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
@@ -67,12 +78,20 @@ def _atomic(path: str | Path, write) -> None:
         # every artifact gets the usual permissions, the same for tensors and JSON
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except OSError as err:  # full disk, read-only or vanished folder: one line, not a traceback
-        raise DatencoderError(f"could not write {path} ({err.strerror or _first_line(err)}); "
-                              "check free space and permissions, or choose another output") from err
+    except (OSError, SafetensorError) as err:  # full disk, read-only or vanished folder: one line
+        raise _write_error(path, err) from err
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _write_error(path: str | Path, err: BaseException) -> DatencoderError:
+    """The one-line error of a failed write (safetensors reports the OS error inside its message)."""
+    text = getattr(err, "strerror", None) or _first_line(err)
+    if "No space left" in str(err) or getattr(err, "errno", None) == errno.ENOSPC:
+        text = "no space left on the device"
+    return DatencoderError(f"could not write {path} ({text}); check free space and permissions, "
+                           "or choose another output")
 
 
 def _umask() -> int:
@@ -138,9 +157,19 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def check_finite(tensors: dict[str, torch.Tensor], what: str, fix: str) -> None:
+    """Refuse tensors holding NaN or infinity: one line ``{what}: tensor 'k' holds NaN; {fix}``."""
+    for name, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = "NaN" if bool(torch.isnan(value).any()) else "infinity"
+            raise DatencoderError(f"{what}: tensor '{name}' holds {bad}; {fix}")
+
+
 def save_file_atomic(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """A plain safetensors file (no datencoder kind), written atomically."""
+    """A plain safetensors file (no datencoder kind), written atomically; NaN or infinity is refused
+    (nothing non-finite is ever written as a result)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    check_finite(tensors, f"refusing to write {path}", "nothing non-finite is saved")
     _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -172,6 +201,7 @@ def load_tensors(path: str | Path, kind: str) -> dict[str, torch.Tensor]:
         raise DatencoderError(f"{path} holds a datencoder {found}, not a {kind}")
     if int(meta.get("datencoder.format", "0")) > FORMAT_VERSION:
         raise DatencoderError(f"{path} was written by a newer datencoder; upgrade the package")
+    check_finite(tensors, str(path), f"the {kind} is damaged; re-create it")
     return tensors
 
 
@@ -190,43 +220,176 @@ def read_json(path: str | Path, kind: str) -> dict:
 
 def check_base(artifact: str, recorded: dict, base) -> None:
     """Refuse an artifact made for another base model."""
-    if recorded.get("fingerprint") != base.fingerprint:
+    if recorded.get("fingerprint") == base.fingerprint:
+        return
+    if recorded.get("name") == base.name:  # same name, other weights: say that, not the name twice
         raise DatencoderError(
-            f"{artifact} was made for base model '{recorded.get('name')}' "
-            f"(fingerprint {recorded.get('fingerprint')}), but the loaded base is '{base.name}' "
-            f"({base.fingerprint}); load the matching base with --base/model.pretrained"
-        )
+            f"{artifact} was made for other weights of base model '{base.name}' (fingerprint "
+            f"{recorded.get('fingerprint')}, the loaded copy has {base.fingerprint}); the model was retrained "
+            "or changed since: re-create the artifact with this copy, or load the copy it was made with")
+    raise DatencoderError(
+        f"{artifact} was made for base model '{recorded.get('name')}' "
+        f"(fingerprint {recorded.get('fingerprint')}), but the loaded base is '{base.name}' "
+        f"({base.fingerprint}); load the matching base with --base/model.pretrained"
+    )
 
 
 # -- folders ---------------------------------------------------------------------------------
+def _old(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
 def replace_dir(tmp: str | Path, final: str | Path) -> None:
     """Swap the finished folder ``tmp`` in at ``final`` (an older ``final`` is replaced).
 
-    Two renames: ``final`` -> ``.final.old``, ``tmp`` -> ``final``. A crash between them leaves the
-    previous folder whole at ``.final.old`` (readers that resume look there too)."""
+    Two renames: ``final`` -> ``.final.old``, ``tmp`` -> ``final``, then ``.final.old`` is deleted.
+    There is no moment without a whole folder: a crash between the renames leaves the previous
+    folder at ``.final.old``, which readers take instead (``artifact_dir``)."""
     tmp, final = Path(tmp), Path(final)
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
+    old = _old(final)
     if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
+    # else: a crash left only .final.old; it stays until the new folder is in place
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def artifact_dir(path: str | Path) -> Path:
+    """``path``, or its ``.path.old`` when a run stopped between ``replace_dir``'s two renames
+    (the previous artifact is there, whole); a warning line says so."""
+    path = Path(path)
+    old = _old(path)
+    if not path.exists() and old.is_dir():
+        log.warning("%s was being replaced when a run stopped; reading the previous version from %s", path, old)
+        return old
+    return path
+
+
+def check_replaceable(folder: str | Path, names: tuple[str, ...] | set[str], what: str,
+                      option: str = "--out") -> None:
+    """Refuse to replace ``folder`` whole when it holds anything but the files ``names`` of an
+    earlier ``what`` (a user's own files would go with it)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in names)
+    if foreign:
+        raise DatencoderError(f"{option} {folder} holds {foreign[0]}, which is not part of a {what}; "
+                              "pass a new or empty folder (the folder is replaced whole)")
+
+
+def _usual_modes(tree: Path) -> None:
+    """The usual permissions for a finished folder: mkdtemp makes it 0700 and some writers
+    (safetensors, inside diffusers' save_pretrained too) make files 0600."""
+    umask = _umask()
+    os.chmod(tree, 0o777 & ~umask)
+    for root, dirs, files in os.walk(tree):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 @contextlib.contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """``with atomic_dir(out) as tmp:`` write the whole folder into ``tmp``; on success it replaces
-    ``out`` in one swap (``replace_dir``), on any error ``tmp`` is removed and ``out`` is untouched."""
+    ``out`` in one swap (``replace_dir``), on any error ``tmp`` is removed and ``out`` is untouched;
+    a write that fails for the disk (full, read-only) is one line."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    except OSError as err:
+        raise _write_error(final, err) from err
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        _usual_modes(tmp)
         replace_dir(tmp, final)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(final, err) from err
+    except DatencoderError as err:  # a file's write failed: name where it was going, not the temp folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DatencoderError(str(err).replace(str(tmp), str(final))) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class OutputBusy(DatencoderError):
+    """Another live datencoder run holds the output (``claim_output``)."""
+
+
+@contextlib.contextmanager
+def claim_output(path: str | Path, option: str = "--out", folder: bool = True) -> Iterator[Path]:
+    """Hold ``path`` for one run: ``.<name>.lock`` beside it is created exclusively (an atomic
+    claim), so a second run on the same output fails at once instead of both reporting success.
+    A lock left by a process that is gone (kill -9) is taken over."""
+    path = Path(path)
+    lock = path.absolute().with_name(f".{path.name}.lock")
+    owner = f"{socket.gethostname()} {os.getpid()}"
+    check_output(path, option, folder)  # writable at all (creates nothing)
+    for _ in range(2):
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise _write_error(lock.parent, err) from None
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None:
+                raise OutputBusy(f"{option} {path} is being written by another datencoder run (process "
+                                      f"{holder}); wait for it or choose another {option}") from None
+            lock.unlink(missing_ok=True)  # its process is gone
+            continue
+        except OSError as err:
+            raise DatencoderError(f"cannot write to {option} {path} ({err.strerror or _first_line(err)}); "
+                                  "choose another location") from None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(owner)
+        break
+    else:
+        raise DatencoderError(f"{option} {path}: could not take {lock}; remove it if no datencoder run is writing there")
+    try:
+        yield path
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _lock_holder(lock: Path) -> str | None:
+    """The live process holding ``lock`` ('host pid'), or None when it is gone (or the file is)."""
+    try:
+        host, pid = lock.read_text().split()
+    except (OSError, ValueError):
+        return None if not lock.exists() else "unknown"
+    if host != socket.gethostname():
+        return f"{pid} on {host}"  # another machine's run: it cannot be checked, so it is kept
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return None
+    except (PermissionError, ValueError):
+        pass
+    return pid
+
+
+def check_free_space(path: str | Path, need_bytes: int, option: str = "--out") -> None:
+    """Refuse, before any compute, an output whose file system has less room than ``need_bytes``
+    (plus 10 % and 1 MB of margin, as the temp copy and the old version coexist briefly)."""
+    where = Path(path).absolute()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    need = int(need_bytes * 1.1) + 2**20
+    if free < need:
+        raise DatencoderError(f"{option} {path}: {_mb(free)} free on its file system, the output needs about "
+                              f"{_mb(need)}; free some space or choose another location")
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:.1f} MB"
 
 
 # -- pixels ----------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from PIL import Image
 
 from .attention import AdapterInputs, uses_dual_path
 from .base import BaseModel
-from .io import check_base
 from .concept import Concept
 from .conditioning import TextStates, encode_text, pooled_text
 from .config import check_seed
@@ -29,6 +28,22 @@ from .tokens import check_placeholder_kept, fill_placeholder, hard_prompts
 __all__ = ["ConceptPipeline"]
 
 SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
+MAX_SIDE_FACTOR = 4
+"""Image sides are at most this many times the base's resolution."""
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors: the GPU's free memory, or MemAvailable of the host (None: unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 class ConceptPipeline:
@@ -53,7 +68,7 @@ class ConceptPipeline:
         base.freeze()
         self.embedding = self.factors = None
         if concept is not None:
-            check_base("the concept", concept.base, base)
+            concept.check_fits(base)  # made for this base, and its tensors fit it
             self.prepared = prepare_base(base, concept.token)  # in place; see the class docstring
             self.token_id = self.prepared.token_id
             # moved to the base's device once; fp32 (the processors cast to the activations' dtype)
@@ -78,14 +93,39 @@ class ConceptPipeline:
         """Image sides must be multiples of this: the VAE's factor times the UNet's downsampling."""
         return self.base.vae_scale_factor * 2 ** (len(self.base.unet.config.down_block_types) - 1)
 
-    def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        """Validated (height, width); None means the base's resolution."""
+    def check_size(self, height: int | None, width: int | None, num_images: int = 1) -> tuple[int, int]:
+        """Validated (height, width); None means the base's resolution. Each side is at most
+        ``MAX_SIDE_FACTOR`` times the base's resolution (a base draws its own size best; far larger
+        sizes only exhaust memory), and the estimated memory of ``num_images`` at once must fit."""
         m = self.size_multiple()
         sides = tuple(self.base.resolution if side is None else int(side) for side in (height, width))
         if any(side < m or side % m for side in sides):
             raise DatencoderError(f"height and width must be positive multiples of {m} for this base model, "
                                   f"got {sides[0]}x{sides[1]}")
+        limit = MAX_SIDE_FACTOR * self.base.resolution
+        need = self.memory_estimate(*sides, num_images)
+        if max(sides) > limit:
+            raise DatencoderError(f"{sides[0]}x{sides[1]} pixels is above this base's limit of {limit} per side "
+                                  f"({MAX_SIDE_FACTOR}x its resolution {self.base.resolution}); it would need about "
+                                  f"{need / 2**30:.1f} GB")
+        free = available_memory(self.base.device)
+        if free is not None and need > free:
+            raise DatencoderError(f"{num_images} image(s) of {sides[0]}x{sides[1]} at once need about "
+                                  f"{need / 2**30:.1f} GB, {free / 2**30:.1f} GB is free; use fewer pixels or "
+                                  "a smaller batch")
         return sides
+
+    def memory_estimate(self, height: int, width: int, num_images: int = 1) -> int:
+        """Bytes the activations of one sampling call take, roughly: the UNet's first level (the
+        latent grid x its channels, for the guided pair, the tensors kept for the skip connections
+        and a few in flight) or the VAE decoder's last (full resolution), whichever is larger."""
+        f = self.base.vae_scale_factor
+        size = torch.finfo(self.base.dtype).bits // 8
+        unet, vae = self.base.unet.config, self.base.vae.config
+        unet_bytes = (2 * num_images * (height // f) * (width // f) * unet.block_out_channels[0] * size
+                      * (2 * unet.layers_per_block + 4))
+        vae_bytes = num_images * height * width * vae.block_out_channels[0] * size * 4
+        return int(max(unet_bytes, vae_bytes))
 
     def check(self, prompts: str | list[str], num_images: int = 1, num_inference_steps: int = 25,
               guidance_scale: float = 7.5, seed: int | None = None, height: int | None = None,
@@ -93,20 +133,20 @@ class ConceptPipeline:
         """Every argument error of a call, in one line, before any compute."""
         if num_images < 1 or num_inference_steps < 1:
             raise DatencoderError("num_images and num_inference_steps must be at least 1")
-        self.check_size(height, width)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        self.check_size(height, width, num_images * len(prompts))
         if not math.isfinite(lora_scale):
             raise DatencoderError(f"lora_scale must be a finite number, got {lora_scale}")
         limit = self.pipe.scheduler.config.num_train_timesteps
         if num_inference_steps > limit:
             raise DatencoderError(f"{num_inference_steps} sampling steps exceed the scheduler's {limit} "
                                   f"training timesteps; use at most {limit}")
-        if not math.isfinite(guidance_scale):
-            raise DatencoderError(f"the guidance scale must be a finite number, got {guidance_scale}")
+        if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+            raise DatencoderError(f"the guidance scale must be a finite number >= 0, got {guidance_scale}")
         if seed is not None:
             check_seed(seed)
         concept = self.concept
         if concept is not None:
-            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
             filled = [fill_placeholder(p, concept.placeholder, concept.token) for p in prompts]
             check_placeholder_kept(self.base.tokenizer, filled, self.token_id, concept.placeholder)
 

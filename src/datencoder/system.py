@@ -19,7 +19,8 @@ from .conditioning import text_vocabulary
 from .config import Config, from_dict, to_dict
 from .encoder import EncoderOutput, TuningEncoder, check_head_size
 from .features import FeatureExtractor
-from .io import ASSETS, check_base, load_tensors, read_json, save_tensors_atomic, write_json_atomic
+from .io import (ASSETS, artifact_dir, atomic_dir, check_base, check_replaceable, load_tensors, read_json,
+                 save_tensors_atomic, write_json_atomic)
 from .objective import NoisyLatents, Objective
 from .prepare import prepare_base
 
@@ -48,7 +49,7 @@ def resolve_encoder(name: str | Path) -> Path:
     """The folder of an encoder given by folder or by the shipped name; one-line error if absent."""
     from .errors import DatencoderError
 
-    path = encoder_path(name)
+    path = artifact_dir(encoder_path(name))
     if not path.is_dir():
         raise DatencoderError(f"encoder folder {name} not found; pass --encoder a folder written by "
                               f"'datencoder pretrain' or the shipped '{DEFAULT_ENCODER}'")
@@ -122,16 +123,19 @@ class EncoderSystem:
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, directory: str | Path, info: dict | None = None) -> Path:
+        """Write the encoder folder whole (one swap, ``io.atomic_dir``); non-finite weights are refused."""
         directory = Path(directory)
-        save_tensors_atomic(directory / f"{KIND}.safetensors", self.encoder.state_dict(), KIND)
-        write_json_atomic(directory / f"{KIND}.json", {
-            "kind": KIND,
-            "config": to_dict(self.cfg),
-            "base": {"name": self.base.name, "fingerprint": self.base.fingerprint},
-            "feature_width": self.features.width,
-            "token_dim": self.encoder.token_dim,
-            "info": info or {},
-        })
+        check_replaceable(directory, (f"{KIND}.json", f"{KIND}.safetensors"), KIND, option="encoder folder")
+        with atomic_dir(directory) as tmp:
+            save_tensors_atomic(tmp / f"{KIND}.safetensors", self.encoder.state_dict(), KIND)
+            write_json_atomic(tmp / f"{KIND}.json", {
+                "kind": KIND,
+                "config": to_dict(self.cfg),
+                "base": {"name": self.base.name, "fingerprint": self.base.fingerprint},
+                "feature_width": self.features.width,
+                "token_dim": self.encoder.token_dim,
+                "info": info or {},
+            })
         return directory
 
     @classmethod
@@ -142,7 +146,12 @@ class EncoderSystem:
         directory = resolve_encoder(directory)
         meta = read_json(directory / f"{KIND}.json", KIND)
         state = load_tensors(directory / f"{KIND}.safetensors", KIND)
-        cfg_data = meta["config"]
+        cfg_data = meta.get("config")
+        if not isinstance(cfg_data, dict) or not isinstance(meta.get("base"), dict):
+            from .errors import DatencoderError
+
+            raise DatencoderError(f"{directory / f'{KIND}.json'} lacks its 'config' or 'base' mapping; "
+                                  "re-train or re-download the encoder")
         # encoders saved before encoder.hypernet_mode existed are all the shared-basis design
         cfg_data.setdefault("encoder", {}).setdefault("hypernet_mode", "core")
         for section, values in (overrides or {}).items():
@@ -153,10 +162,22 @@ class EncoderSystem:
                              variant=cfg.model.variant, torch_dtype=dtype, device=device)
         check_base(f"encoder {directory}", meta["base"], base)
         system = cls(base, cfg)
-        missing, unexpected = system.encoder.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            from .errors import DatencoderError
-
-            raise DatencoderError(f"encoder {directory} does not match its config "
-                                  f"(missing {missing[:2]}, unexpected {unexpected[:2]}); re-train or re-download it")
+        _check_state(directory, system.encoder.state_dict(), state)
+        system.encoder.load_state_dict(state)
         return system
+
+
+def _check_state(directory: Path, expected: dict[str, Tensor], found: dict[str, Tensor]) -> None:
+    """The saved tensors must be exactly those the folder's config builds: names and shapes."""
+    from .errors import DatencoderError
+
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise DatencoderError(f"encoder {directory} does not match its config "
+                              f"(missing {missing[:2]}, unexpected {unexpected[:2]}); re-train or re-download it")
+    for name, tensor in expected.items():
+        if tuple(found[name].shape) != tuple(tensor.shape):
+            raise DatencoderError(
+                f"encoder {directory}: {KIND}.json's config gives {name} the shape {list(tensor.shape)}, "
+                f"{KIND}.safetensors holds {list(found[name].shape)} (config edited, e.g. encoder.rank?); "
+                "re-train or re-download it")

@@ -83,6 +83,9 @@ def optimise_on_image(objective: Objective, base: BaseModel, pixels: Tensor, ste
         picks = torch.randint(0, len(templates), (batch_size,), generator=generator).tolist()
         terms = objective(batch, [templates[i] for i in picks], embedding, factors, dual_path, generator)
         loss = sum(terms.values())
+        if not torch.isfinite(loss.detach()):
+            raise DatencoderError(f"tuning diverged: the loss became {float(loss.detach())} at step {step + 1}; "
+                                  "nothing was saved; lower the learning rates (tune.lr_embedding, tune.lr_lora)")
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -180,6 +183,10 @@ def _personalize(system: EncoderSystem, pixels: Tensor, tune: TuneConfig, gen: t
     with measure(system.device) as tuning:
         if tune.steps > 0:
             embedding, factors = _tune(system, pixels, tune, gen, callback, embedding, factors, heads, h)
+    tensors = {"embedding": embedding, **{f"lora_{k}": t for k, pair in factors.items() for t in pair}}
+    if not all(bool(torch.isfinite(t.detach()).all()) for t in tensors.values()):
+        raise DatencoderError(f"tuning diverged: the tuned tensors hold NaN or infinity after {tune.steps} steps; "
+                              "nothing was saved; lower the learning rates (tune.lr_embedding, tune.lr_lora)")
 
     hard_word = system.objective.hard_words(embedding.detach())[0]
     timings = {"steps": tune.steps, **cost_info(predicting, tuning)}

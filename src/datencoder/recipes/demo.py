@@ -15,10 +15,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import DatencoderError
-from ..image_io import image_to_tensor, load_image, make_grid, save_image_atomic
+from ..image_io import image_format, image_to_tensor, load_image, make_grid, save_image_atomic
 from ..pipeline import ConceptPipeline
 from ..io import check_output
-from ..config import check_seed
+from ..config import TUNE_STEPS_MAX, check_seed
 from ..system import DEFAULT_ENCODER, EncoderSystem, encoder_path
 from ..cost import measure
 from ..tuning import personalize
@@ -64,12 +64,16 @@ def _resolve_image(name: str) -> Path:
 
 
 def run(args) -> int:
-    if args.steps < 0:
-        raise DatencoderError(f"--steps must be >= 0, got {args.steps}")
-    if not math.isfinite(args.guidance):
-        raise DatencoderError(f"--guidance must be a finite number, got {args.guidance}")
+    # every argument is checked here, before the model is loaded or anything computed
+    if not 0 <= args.steps <= TUNE_STEPS_MAX:
+        raise DatencoderError(f"--steps must be in [0, {TUNE_STEPS_MAX}], got {args.steps}")
+    if not 1 <= args.sample_steps <= 1000:
+        raise DatencoderError(f"--sample-steps must be in [1, 1000], got {args.sample_steps}")
+    if not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise DatencoderError(f"--guidance must be a finite number >= 0, got {args.guidance}")
     check_seed(args.seed, "--seed")
     check_output(args.out, folder=False)
+    image_format(args.out, "--out")
     encoder_dir = encoder_path(args.encoder)  # a shipped encoder's name, or a folder
     if not (encoder_dir / "encoder.json").exists():
         raise DatencoderError(
@@ -79,7 +83,7 @@ def run(args) -> int:
     with measure(device) as whole:  # loading included; nested phases keep its peak (cost.py)
         timings = {}
         start = time.perf_counter()
-        image = load_image(_resolve_image(args.image))
+        image = load_image(_resolve_image(args.image), warn=True)
         system = EncoderSystem.load(encoder_dir, device=device, dtype=dtype)
         system.cfg.tune.seed = args.seed
         pixels = image_to_tensor(image, system.base.resolution)

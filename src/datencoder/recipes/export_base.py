@@ -13,16 +13,20 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("base", nargs="?", default="minisd-emoji", metavar="BASE",
                         help="base model name or folder (default: minisd-emoji)")
-    parser.add_argument("--out", required=True, help="output folder (new, or an earlier export-base folder)")
+    parser.add_argument("--out", required=True, help="output folder (new or empty; written whole)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export-base folder in --out")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..base import load_base
-    from ..export_base import check_export_dir, export_base
+    from ..export_base import check_export_dir, export_base, pipeline_bytes
+    from ..io import check_free_space, claim_output
 
-    check_export_dir(args.out)  # before loading anything
-    base = load_base(args.base, with_image_tower=False)
-    out = export_base(base, args.out)
+    with claim_output(args.out):  # writable (a read-only folder is one line), and ours alone
+        check_export_dir(args.out, args.overwrite)  # before loading anything
+        base = load_base(args.base, with_image_tower=False)
+        check_free_space(args.out, pipeline_bytes(base))
+        out = export_base(base, args.out, overwrite=args.overwrite)
     print(f"wrote base model {args.base} (fingerprint {base.fingerprint}) to {out}")
     print(f"load it with StableDiffusionPipeline.from_pretrained({str(out)!r}); see {out / 'README.txt'}")
     return 0

@@ -55,35 +55,56 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _check_out(args: argparse.Namespace) -> None:
-    """--out must be writable, and an existing concept is replaced only on request."""
-    from ..io import check_output
+    """--out must be writable and hold nothing but a concept; an existing concept (or the one a
+    stopped --overwrite left at .<out>.old) is replaced only on request."""
+    from ..concept import FILES
     from ..errors import DatencoderError
+    from ..io import artifact_dir, check_output, check_replaceable
 
     out = check_output(args.out)
-    if not args.overwrite and any((out / name).exists() for name in ("concept.json", "concept.safetensors")):
+    check_replaceable(out, FILES, "concept")  # the folder is replaced whole
+    held = artifact_dir(out)
+    if not args.overwrite and any((held / name).exists() for name in FILES):
         raise DatencoderError(f"{out} already holds a concept; pass --overwrite to replace it or choose another --out")
 
 
+def _concept_bytes(system) -> int:
+    """Size of the concept file this system writes: the embedding and the offsets' factors (fp32)."""
+    from ..attention import target_layer_shapes
+
+    enc = system.cfg.encoder
+    shapes = target_layer_shapes(system.base.unet, enc.targets, enc.attention_kinds)
+    return 4 * (sum(system.base.token_dims) + sum(enc.rank * (i + o) for i, o in shapes.values())) + 65536
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..io import claim_output
+
+    overrides = _overrides(args)
+    with claim_output(args.out):  # a second run on this --out fails now, not after both "succeed"
+        return _run(args, overrides)
+
+
+def _run(args: argparse.Namespace, overrides: dict) -> int:
     from tqdm.auto import tqdm
 
     from ..base import load_base
-    from ..io import read_json
+    from ..io import check_free_space, read_json
     from ..image_io import image_to_tensor, load_image
     from ..system import EncoderSystem, resolve_encoder
     from ..tuning import personalize
 
-    overrides = _overrides(args)
     _check_out(args)
     device, dtype = device_options(args)
     t0 = time.perf_counter()
-    image = load_image(args.image)
+    image = load_image(args.image, warn=True)
     encoder_dir = resolve_encoder(args.encoder)
     base = None
     if args.base is not None:
         tower = read_json(encoder_dir / "encoder.json", "encoder").get("config", {}).get("model", {}).get("image_tower")
         base = load_base(args.base, tower, torch_dtype=dtype, device=device, variant=args.variant)
     system = EncoderSystem.load(encoder_dir, base, overrides, device=device, dtype=dtype)
+    check_free_space(args.out, _concept_bytes(system))  # before the tuning, not at the write
     pixels = image_to_tensor(image, system.base.resolution)  # [3, H, W] in [-1, 1]
     load_s = time.perf_counter() - t0
 

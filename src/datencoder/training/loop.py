@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -81,10 +82,10 @@ class LoopConfig:
             if getattr(self, key) < low:
                 raise DatencoderError(f"train.{key} must be >= {low}, got {getattr(self, key)}")
         for key in ("weight_decay", "max_grad_norm", "max_minutes", "checkpoint_minutes"):
-            if getattr(self, key) < 0:
-                raise DatencoderError(f"train.{key} must be >= 0, got {getattr(self, key)}")
-        if not self.lr > 0:
-            raise DatencoderError(f"train.lr must be > 0, got {self.lr}")
+            if not 0 <= getattr(self, key) < math.inf:  # NaN and infinity fail too
+                raise DatencoderError(f"train.{key} must be >= 0 and finite, got {getattr(self, key)}")
+        if not 0 < self.lr < math.inf:
+            raise DatencoderError(f"train.lr must be > 0 and finite, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise DatencoderError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.lr_schedule not in SCHEDULES:
@@ -283,7 +284,20 @@ def fit(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any, torch.G
                 sample_fn(unwrapped().eval(), step)
                 prepared.train()
 
+    saved = {"step": step if resume else None}
+
+    def diverged(what: str) -> DatencoderError:
+        kept = (f"the last good checkpoint (step {saved['step']}) is kept in {out}" if saved["step"] is not None
+                else "no checkpoint was written")
+        return DatencoderError(f"training diverged: {what} at step {step + 1}; stopped, {kept}; "
+                               f"lower train.lr (now {cfg.lr:g}) and resume or restart")
+
     def checkpoint() -> None:
+        # a non-finite weight is never checkpointed as progress (every process agrees, then stops)
+        state = unwrapped().state_dict()
+        if _agree(accelerator, not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())):
+            raise diverged("the weights became NaN or infinite")
+        saved["step"] = step
         mine = rng_state(generator)
         ranks = gather_object([mine]) if world > 1 else [mine]
         if is_main:
@@ -316,13 +330,15 @@ def fit(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any, torch.G
                 with accelerator.autocast():
                     terms = loss_fn(prepared, batch, generator)
                 loss = terms["loss"] if "loss" in terms else sum(terms.values())
+                values = {name: float(value.detach()) for name, value in terms.items()}
+                values.setdefault("loss", float(loss.detach()))
+                if _agree(accelerator, not math.isfinite(values["loss"])):
+                    raise diverged(f"the loss became {values['loss']}")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            values = {name: float(value.detach()) for name, value in terms.items()}
-            values.setdefault("loss", float(loss.detach()))
             for name, value in values.items():
                 terms_sum[name] = terms_sum.get(name, 0.0) + value / cfg.grad_accum
         scheduler.step()

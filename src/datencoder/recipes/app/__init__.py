@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.port <= 65535:
         raise DatencoderError(f"--port must be from 1 to 65535, got {args.port}")
     if importlib.util.find_spec("gradio") is None:
-        raise DatencoderError("the app needs gradio: pip install -e \".[app]\"")
+        raise DatencoderError("the app needs gradio: pip install \"datencoder[app]\" "
+                              "(in a source checkout: pip install -e \".[app]\")")
     system = load_system(args.encoder, args.base, args.device)
 
     folder = Path(tempfile.mkdtemp(prefix="datencoder-app-"))

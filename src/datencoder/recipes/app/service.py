@@ -165,7 +165,7 @@ class Studio:
         steps = _check_int("tuning steps", steps, 0, self.limits.max_steps)
         path, shown = self.check_upload(path, name)
         try:
-            image = load_image(path, max_pixels=int(self.limits.max_megapixels * 1e6))
+            image = load_image(path, max_pixels=int(self.limits.max_megapixels * 1e6), warn=True)
         except DatencoderError as err:  # name the user's file, not the server's copy of it
             raise DatencoderError(str(err).replace(str(path), shown)) from None
         progress = progress or (lambda fraction, desc: None)

@@ -41,6 +41,10 @@ def build(studio: Studio, examples: list[Path], example_prompts: list[str]) -> g
             raise gr.Error(str(err), print_exception=False) from None
         return images
 
+    def on_stop(session):
+        studio.stop(session)
+        gr.Info("Stopped: the running request ends at its next step; nothing is kept from it.")
+
     with gr.Blocks(title="datencoder") as page:
         # One Session per browser tab or API client, made on its first request. Plain functions,
         # not bound methods: gradio deep-copies these, and copying a bound method would copy the
@@ -89,6 +93,6 @@ def build(studio: Studio, examples: list[Path], example_prompts: list[str]) -> g
             [gallery], api_name="generate", concurrency_id=MODEL)
         # Not queued, so it runs while the model is busy: it sets the session's Stop flag (the
         # run ends at its next step) and drops the session's queued requests.
-        stop.click(studio.stop, [state], None, queue=False, cancels=[run_personalise, run_generate],
+        stop.click(on_stop, [state], None, queue=False, cancels=[run_personalise, run_generate],
                    api_name="stop")
     return page
