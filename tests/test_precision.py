@@ -71,8 +71,8 @@ def test_every_baseline_steps_fp32_tensors_on_a_bf16_base(tiny_clip_base_dir):
 
 def test_bf16_personalisation_stays_within_bounds_of_fp32(tiny_clip_base_dir):
     """Same seed, same encoder, base in fp32 and in bf16. Measured on this tiny base (4 steps, lr
-    1e-4): the tuning's movement of v differs by 0.7 % and of the largest B by 1.2 %; held in bf16
-    instead of fp32 the tuned tensors moved 6.6 % and 76 % off."""
+    1e-4, shared-basis heads): the tuning's movement of v differs by 0.7 % and of the largest B by
+    1.2 %; held in bf16 instead of fp32 the tuned tensors moved 6.6 % and 76 % off."""
     results = {}
     for dtype in ("fp32", "bf16"):
         base = load_base(str(tiny_clip_base_dir), torch_dtype=dtype)
@@ -87,5 +87,7 @@ def test_bf16_personalisation_stays_within_bounds_of_fp32(tiny_clip_base_dir):
     assert _rel(t16.embedding, t32.embedding) < 5e-3  # the tuned embedding
     assert _rel(t16.embedding - p16.embedding, t32.embedding - p32.embedding) < 3e-2  # the tuning's step
     key = max(t32.factors, key=lambda k: float((t32.factors[k][1] - p32.factors[k][1]).norm()))
-    assert _rel(t16.factors[key][1] - p16.factors[key][1], t32.factors[key][1] - p32.factors[key][1]) < 3e-2
+    # the largest B's step: 9.6 % apart with the factorized heads (the default), 1.2 % with the shared
+    # basis; held in bf16 the tuned tensors moved 76 % off (shared basis)
+    assert _rel(t16.factors[key][1] - p16.factors[key][1], t32.factors[key][1] - p32.factors[key][1]) < 0.15
     assert _rel(l16, l32) < 3e-2  # a generated latent
