@@ -95,7 +95,8 @@ def _config_classes() -> dict[str, type]:
     return {
         "tiny.yaml": Config, "minisd_encoder.yaml": Config, "sd15.yaml": Config,
         "minisd_vae.yaml": VAEStageConfig, "minisd_unet.yaml": UNetStageConfig,
-        "minisd_unet_zsnr.yaml": UNetStageConfig,
+        "minisd_unet_zsnr.yaml": UNetStageConfig, "minisd_unet_world.yaml": UNetStageConfig,
+        "minisd_unet_world_k16.yaml": UNetStageConfig, "minisd_evaluator_world.yaml": EvaluatorStageConfig,
         "minisd_tower.yaml": TowerStageConfig, "minisd_evaluator.yaml": EvaluatorStageConfig,
         "minisd_encoder_no_contrastive.yaml": Config, "minisd_encoder_no_hypernet.yaml": Config,
         "minisd_encoder_full_hypernet.yaml": Config, "minisd_encoder_apart.yaml": Config,
