@@ -189,7 +189,8 @@ def test_api_personalise_then_generate_equals_the_library(server, tmp_path):
     concept = Concept.load(tmp_path / "concept")
     assert concept.info["image"] == "red_apple.png"  # the upload's name, never a server path
     # the page's image is the library's, from the downloaded concept with the same settings
-    library = ConceptPipeline(load_base("minisd-emoji", with_image_tower=False), concept)(
+    # on the base the concept records (the shipped encoders' base, minisd-emoji-v1)
+    library = ConceptPipeline(load_base(concept.base["name"], with_image_tower=False), concept)(
         "S*, small, top left", num_images=1, num_inference_steps=4, guidance_scale=7.5, seed=5)[0]
     assert np.abs(served - np.asarray(library, dtype=np.int16)).max() <= 1
 
