@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from datencoder.base import load_base
-from datencoder.config import Config, TuneConfig
+from datencoder.config import TuneConfig
 from datencoder.system import EncoderSystem
 from datencoder.testing import build_tiny_base
 from datencoder.tuning import personalize
@@ -49,14 +49,13 @@ DRIVER = textwrap.dedent("""
 """)
 
 
+from cli_helpers import tiny_encoder_config  # noqa: E402
+
 def _world(root, base_dir):
     """Encoder, concept, another base and bad inputs on disk: {name: path}."""
     (root / "base0").symlink_to(base_dir)
     base = load_base(str(base_dir))
-    cfg = Config()
-    cfg.model.pretrained = str(base_dir)
-    cfg.encoder.tower_layers = [-1, -2]  # the tiny image tower has 2 layers
-    cfg.encoder.hidden_dim = 32
+    cfg = tiny_encoder_config(base_dir)
     system = EncoderSystem(base, cfg)
     system.save(root / "encoder")
     pixels = torch.rand(3, base.resolution, base.resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -24,15 +24,14 @@ from datencoder.system import DEFAULT_ENCODER, DEFAULT_ENCODER_DIR, EncoderSyste
 from datencoder.tuning import personalize
 
 
+from cli_helpers import cli_error as _error, tiny_encoder_config  # noqa: E402
+
 @pytest.fixture(scope="module")
 def world(tiny_base_dir, tmp_path_factory):
     """An untrained encoder and two concepts on the tiny base, and an image: {name: path}."""
     root = tmp_path_factory.mktemp("edges")
     base = load_base(str(tiny_base_dir))
-    cfg = Config()
-    cfg.model.pretrained = str(tiny_base_dir)
-    cfg.encoder.tower_layers = [-1, -2]  # the tiny image tower has 2 layers
-    cfg.encoder.hidden_dim = 32
+    cfg = tiny_encoder_config(tiny_base_dir)
     system = EncoderSystem(base, cfg)
     system.save(root / "encoder")
     for i in range(2):
@@ -44,13 +43,6 @@ def world(tiny_base_dir, tmp_path_factory):
             "concept": root / "concept0", "other": root / "concept1", "max_length": base.tokenizer.model_max_length}
 
 
-def _error(capsys, argv) -> str:
-    """Run the CLI in-process; it must fail with exactly one 'error:' line (exit code 2)."""
-    assert cli.main([str(a) for a in argv]) == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error: ") and sum(x.startswith("error:") for x in lines) == 1, lines
-    assert "Traceback" not in "\n".join(lines)
-    return lines[-1]
 
 
 def _ok(capsys, argv) -> str:

@@ -22,7 +22,7 @@ from PIL import Image
 import datencoder.io as dio
 from datencoder.base import load_base
 from datencoder.concept import Concept
-from datencoder.config import Config, TuneConfig
+from datencoder.config import TuneConfig
 from datencoder.errors import DatencoderError
 from datencoder.io import artifact_dir, atomic_dir, claim_output
 from datencoder.recipes import cli
@@ -30,14 +30,13 @@ from datencoder.system import EncoderSystem
 from datencoder.tuning import personalize
 
 
+from cli_helpers import cli_error as _error, tiny_encoder_config  # noqa: E402
+
 @pytest.fixture(scope="module")
 def world(tiny_base_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("safe")
     base = load_base(str(tiny_base_dir))
-    cfg = Config()
-    cfg.model.pretrained = str(tiny_base_dir)
-    cfg.encoder.tower_layers = [-1, -2]  # the tiny image tower has 2 layers
-    cfg.encoder.hidden_dim = 32
+    cfg = tiny_encoder_config(tiny_base_dir)
     system = EncoderSystem(base, cfg)
     system.save(root / "encoder")
     for i in range(2):
@@ -48,11 +47,6 @@ def world(tiny_base_dir, tmp_path_factory):
             "concept": root / "concept0", "other": root / "concept1"}
 
 
-def _error(capsys, argv) -> str:
-    assert cli.main([str(a) for a in argv]) == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error: ") and sum(x.startswith("error:") for x in lines) == 1, lines
-    return lines[-1]
 
 
 def _ok(capsys, argv) -> str:
