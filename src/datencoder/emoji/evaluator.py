@@ -306,12 +306,17 @@ def save_evaluator(net: EvaluatorNet, labels: dict[str, list[str]], out_dir: str
 SHIPPED_EVALUATORS = ("evaluator", "evaluator_world")
 
 
+def evaluator_folder(path: str | Path | None = None) -> Path:
+    """The folder of a shipped evaluator's name (None: the default one), else the path itself."""
+    if path is None:
+        return DEFAULT_DIR
+    return DEFAULT_DIR.parent / str(path) if str(path) in SHIPPED_EVALUATORS else Path(path)
+
+
 def load_evaluator(path: str | Path | None = None) -> Evaluator:
     """Load the shipped evaluator (``assets/evaluator``), the world's (``"evaluator_world"``: the
     world's concepts, read through the base's VAE) or one saved with ``save_evaluator``."""
-    folder = Path(path) if path is not None else DEFAULT_DIR
-    if path is not None and str(path) in SHIPPED_EVALUATORS:
-        folder = DEFAULT_DIR.parent / str(path)
+    folder = evaluator_folder(path)
     weights, cfg_file = folder / "model.safetensors", folder / "config.json"
     if not weights.exists() or not cfg_file.exists():
         raise DatencoderError(

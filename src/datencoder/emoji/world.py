@@ -88,12 +88,13 @@ def read_world(path: str | Path) -> list[dict]:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-        concepts = data["concepts"]
-        assert all("concept" in c for c in concepts)
     except FileNotFoundError:
         raise DatencoderError(f"no world file at {path}; write one with 'datencoder data world'") from None
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise DatencoderError(f"{path} is not a world file (JSON with a 'concepts' list of {{'concept': key}})") from None
+    except ValueError:
+        data = None
+    concepts = data.get("concepts") if isinstance(data, dict) else None
+    if not isinstance(concepts, list) or not all(isinstance(c, dict) and "concept" in c for c in concepts):
+        raise DatencoderError(f"{path} is not a world file (JSON with a 'concepts' list of {{'concept': key}})")
     return concepts
 
 

@@ -32,11 +32,11 @@ from ...training import load_ema_weights
 from ..batches import (AugmentConfig, SourceBank, augment, composition_index, load_rows_uint8, read_concepts,
                        read_rows)
 from ..data import STYLE_WORDS, STYLES
-from ..evaluator import HEADS, EvaluatorArch, EvaluatorNet, save_evaluator
+from ..evaluator import HEADS, EvaluatorArch, EvaluatorNet, evaluator_folder, save_evaluator
 from ..tower import ContrastiveTower, TowerArch, clip_loss, retrieval_accuracy, save_tower, sentence_embeddings
 from .config import MiniTrainConfig
 from .data import load_text_encoder
-from .stages import train_stage
+from .stages import _shipped, train_stage
 
 __all__ = ["TowerStageConfig", "EvaluatorStageConfig", "run_tower", "run_evaluator", "full_caption"]
 
@@ -335,7 +335,7 @@ def _init_trunk(net: EvaluatorNet, folder: str) -> None:
     number of classes keeps its fresh init)."""
     from safetensors.torch import load_file
 
-    path = ASSETS / "evaluator" if folder == "evaluator" else Path(folder)
+    path = evaluator_folder(folder)
     if not (path / "model.safetensors").exists():
         raise DatencoderError(f"init_from={folder}: no model.safetensors in {path}")
     own = net.state_dict()
@@ -361,7 +361,7 @@ def _imprint_vae(path: str):
     """The AutoencoderKL whose reconstructions get their own prototypes, or None."""
     if not path:
         return None
-    folder = ASSETS / "minisd-emoji" / "vae" if path == "minisd-emoji" else Path(path)
+    folder = Path(_shipped(path, "vae"))
     if not (folder / "config.json").exists():
         logger.warning("no VAE at %s: prototypes of reconstructions skipped", folder)
         return None
