@@ -234,6 +234,15 @@ class DataConfig:
     """With a manifest: keep only rows whose ``category`` is listed (E4T-style single-domain baseline)."""
     use_source: bool = False
     """With a manifest: train on each row's clean ``source`` render instead of its composed ``file``."""
+    pair_by: str | None = None
+    """With a manifest: a row field (``concept``) that makes each item a pair. The encoder sees one
+    row's image and the loss reconstructs another row with the same value of this field (another
+    render of the same thing), under the templates filled with that target row's fields; so S* can
+    only carry what the two renders share, and what the target's prompt names (its background,
+    layout, style) comes from the text."""
+    pair_input: str = "file"
+    """With ``pair_by``: the encoder's image is the input row's composed ``file`` (the partner is a
+    different row) or its clean ``source`` render (any row of the group, its own included)."""
     num_workers: int = 0
 
     def __post_init__(self) -> None:
@@ -243,6 +252,17 @@ class DataConfig:
             raise DatencoderError("data.templates must hold at least one prompt template")
         if not self.splits:
             raise DatencoderError("data.splits must name at least one split")
+        if self.pair_input not in ("file", "source"):
+            raise DatencoderError(f"data.pair_input must be 'file' or 'source', got {self.pair_input!r}")
+        if self.pair_by is not None:
+            if not self.pair_by:
+                raise DatencoderError("data.pair_by is empty; name a manifest field (concept) or set it to null")
+            if not self.manifest:
+                raise DatencoderError("data.pair_by needs data.manifest=FILE.jsonl (a plain folder has no fields "
+                                      "to pair its images by)")
+            if self.use_source:
+                raise DatencoderError("data.pair_by pairs composed rows; set data.use_source=false "
+                                      "(data.pair_input=source gives the encoder the clean render)")
 
 
 @dataclass

@@ -116,20 +116,31 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, resolution: int, templates: list[str],
                  extensions=DEFAULT_EXTENSIONS, manifest: str | Path | None = None,
                  splits=("train",), use_source: bool = False, hflip: bool = True,
-                 scale_min: float = 1.0, categories=None):
+                 scale_min: float = 1.0, categories=None, pair_by: str | None = None,
+                 pair_input: str = "file"):
         if resolution < 0:
             raise DatencoderError(f"data resolution must be >= 1 (or 0: set later), got {resolution}")
         if not templates:
             raise DatencoderError("data.templates is empty; give at least one prompt template with S*")
         fields = template_fields(templates)
         self.rows: list[dict] | None = None
-        if hflip and {"position", "a_position"} & fields:
+        # a pair's target is never flipped: only its input's augmentation mirrors
+        if hflip and pair_by is None and {"position", "a_position"} & fields:
             raise DatencoderError("data.templates name {position}, but data.hflip mirrors left and right; "
                                   "set data.hflip=false")
+        self.pair_by = pair_by
+        self.targets: list[Path] | None = None
+        self._groups: list[list[int]] = []
+        if pair_by is not None and not manifest:
+            raise DatencoderError("data.pair_by needs data.manifest=FILE.jsonl (a plain folder has no fields "
+                                  "to pair its images by)")
         if manifest:
             rows = read_manifest_rows(manifest, splits, use_source, categories)
             self.files = [path for path, _ in rows]
             where = f"manifest {manifest} (splits {list(splits)}, categories {categories or 'all'})"
+            if pair_by is not None:
+                self._pair(Path(manifest), rows, pair_by, pair_input, use_source)
+                fields = fields | {pair_by}
             if fields:
                 if use_source:
                     raise DatencoderError(f"data.templates name manifest fields {sorted(fields)}, but a clean source "
@@ -161,19 +172,58 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self._bad: set[int] = set()
         log.info("%d training images from %s", len(self.files), where)
 
+    def _pair(self, manifest: Path, rows: list[tuple[Path, dict]], pair_by: str, pair_input: str,
+              use_source: bool) -> None:
+        """Paired items: targets are the rows' composed files; inputs their files or sources."""
+        if use_source:
+            raise DatencoderError("data.pair_by pairs composed rows; set data.use_source=false "
+                                  "(data.pair_input=source gives the encoder the clean render)")
+        if pair_input not in ("file", "source"):
+            raise DatencoderError(f"data.pair_input must be 'file' or 'source', got {pair_input!r}")
+        missing = next((path.name for path, row in rows if pair_by not in row), None)
+        if missing is not None:
+            raise DatencoderError(f"data.pair_by={pair_by!r}, but the manifest row of {missing} has no such field; "
+                                  "name a field every row has (concept)")
+        if pair_input == "source":
+            lacking = next((path.name for path, row in rows if "source" not in row), None)
+            if lacking is not None:
+                raise DatencoderError(f"data.pair_input=source, but the manifest row of {lacking} has no 'source'; "
+                                      "set data.pair_input=file")
+            self.files = [manifest.parent / row["source"] for _, row in rows]
+        self.targets = [path for path, _ in rows]
+        members: dict[str, list[int]] = {}
+        for i, (_, row) in enumerate(rows):
+            members.setdefault(str(row[pair_by]), []).append(i)
+        own = pair_input == "source"  # a clean source and its own composed row are two renders
+        self._groups = [[j for j in members[str(row[pair_by])] if own or j != i or len(members[str(row[pair_by])]) == 1]
+                        for i, (_, row) in enumerate(rows)]
+        self.pair_input = pair_input
+
+    @property
+    def paired(self) -> bool:
+        return self.targets is not None
+
     def __len__(self) -> int:
         return len(self.files)
 
+    def _load(self, path: Path) -> Tensor:
+        # Small images are upsampled rather than refused, unless they are tiny icons.
+        return image_to_tensor(load_image(path, min_size=min(32, self.resolution)), self.resolution)
+
     def clean(self, index: int) -> Tensor:
         """The image at ``index`` (or the next readable one) without augmentation: [3, S, S]."""
+        return self._clean(index)[1]
+
+    def _clean(self, index: int) -> tuple[int, Tensor]:
         if self.resolution < 1:
             raise DatencoderError("set the dataset's resolution before reading images")
         n = len(self.files)
-        # Small images are upsampled rather than refused, unless they are tiny icons.
-        min_size = min(32, self.resolution)
         while (i := self._readable(index)) is not None:
             try:
-                return image_to_tensor(load_image(self.files[i], min_size=min_size), self.resolution)
+                pixels = self._load(self.files[i])
+                if self.targets is not None and self.targets[i] != self.files[i]:
+                    self._load(self.targets[i])  # a pair's target must be readable too
+                return i, pixels
             except DatencoderError as err:
                 # A bad file is skipped for the whole run; the substitute is always the next
                 # readable file, so the data order stays a pure function of the positions.
@@ -181,17 +231,36 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 log.warning("skipping unreadable training image: %s", err)
         raise DatencoderError(f"none of the {n} training images is readable; check the data folder")
 
+    def pair_item(self, index: int, generator: torch.Generator) -> tuple[Tensor, Tensor, str]:
+        """(the encoder's augmented image, the target render [3, S, S], the prompt filled with the
+        target row's fields): the target is a row of the same ``pair_by`` group, drawn by ``generator``."""
+        if self.targets is None:
+            raise DatencoderError("this data set has no pairs; set data.pair_by=FIELD with a manifest")
+        i, clean = self._clean(index)
+        pixels = augment_views(clean, 1, generator, self.hflip, self.scale_min)[0]
+        group = [j for j in self._groups[i] if j not in self._bad] or [i]
+        j = group[int(torch.randint(0, len(group), (), generator=generator))]
+        try:
+            target = self._load(self.targets[j])
+        except DatencoderError as err:
+            self._bad.add(j)
+            log.warning("skipping unreadable training image: %s", err)
+            j, target = i, self._load(self.targets[i])
+        pick = int(torch.randint(0, len(self.templates), (), generator=generator))
+        return pixels, target, fill_template(self.templates[pick], self.rows[j])
+
     def _readable(self, index: int) -> int | None:
         """The first file at or after ``index`` (cyclically) not known to be unreadable."""
         n = len(self.files)
         return next(((index + k) % n for k in range(n) if (index + k) % n not in self._bad), None)
 
     def item(self, index: int, generator: torch.Generator) -> tuple[Tensor, str]:
-        pixels = augment_views(self.clean(index), 1, generator, self.hflip, self.scale_min)[0]
+        i, clean = self._clean(index)
+        pixels = augment_views(clean, 1, generator, self.hflip, self.scale_min)[0]
         pick = int(torch.randint(0, len(self.templates), (), generator=generator))
         template = self.templates[pick]
         if self.rows is not None:
-            template = fill_template(template, self.rows[self._readable(index)])  # the row of the image read
+            template = fill_template(template, self.rows[i])  # the row of the image read
         return pixels, template
 
     def __getitem__(self, index: int) -> tuple[Tensor, str]:

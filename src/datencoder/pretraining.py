@@ -4,7 +4,9 @@ Builds the frozen base, the ``EncoderSystem`` and the image stream, and runs the
 (``datencoder.training.fit``): one CPU process or ``accelerate launch`` on several GPUs, the frozen
 base on each process's device, only the encoder optimised (DDP-wrapped). Stream position k is image
 ``perm(seed, k // N)[k % N]`` with augmentation and template drawn from a generator seeded by
-(seed, k); ``resume=True`` continues bit-identically.
+(seed, k); ``resume=True`` continues bit-identically. With ``data.pair_by`` an item is a pair: the
+encoder sees one render and the loss reconstructs another render of the same concept (its partner
+drawn by the same generator), under a prompt that names what the two do not share.
 
 Output folder: ``log.jsonl`` (loss terms, and ``health_distinct_nearest`` / ``health_top_word_share``
 of the window's predicted embeddings, so an encoder collapse shows while it happens),
@@ -75,8 +77,12 @@ class _Items:
         self.dataset, self.seed = dataset, seed
 
     def __call__(self, indices: torch.Tensor, positions: torch.Tensor):
-        items = [self.dataset.item(int(i), torch.Generator().manual_seed(mix(self.seed, "item", int(k))))
+        read = self.dataset.pair_item if self.dataset.paired else self.dataset.item
+        items = [read(int(i), torch.Generator().manual_seed(mix(self.seed, "item", int(k))))
                  for i, k in zip(indices, positions)]
+        if self.dataset.paired:  # (inputs, targets, prompts): the loss reconstructs the targets
+            return (torch.stack([item[0] for item in items]), torch.stack([item[1] for item in items]),
+                    [item[2] for item in items])
         return torch.stack([pixels for pixels, _ in items]), [prompt for _, prompt in items]
 
 
@@ -105,7 +111,7 @@ def pretrain(cfg: Config, resume: bool = False, max_steps: int | None = None,
     set_seed(tc.seed)  # encoder initialisation
     d = cfg.data  # scanned first: a bad data path fails before a large model is loaded
     dataset = ImageFolderDataset(d.root, d.resolution, d.templates, d.extensions, d.manifest, d.splits,
-                                 d.use_source, d.hflip, d.scale_min, d.categories)
+                                 d.use_source, d.hflip, d.scale_min, d.categories, d.pair_by, d.pair_input)
     # The frozen base is held in train.base_dtype (bf16/fp16 halves its memory); autocast runs the
     # matmuls in train.mixed_precision; the encoder's master weights and AdamW state stay fp32.
     base = load_base(cfg.model.pretrained, cfg.model.image_tower, revision=cfg.model.revision,
@@ -118,9 +124,10 @@ def pretrain(cfg: Config, resume: bool = False, max_steps: int | None = None,
     nearest: list[int] = []  # this process's nearest words since the last log row (collapse watch)
 
     def loss_fn(model, batch, generator):
-        pixels, prompts = batch
+        pixels, *targets, prompts = batch
         system.encoder = model
-        terms, pred = system.training_step(pixels.to(accelerator.device), list(prompts), generator)
+        target = targets[0].to(accelerator.device) if targets else None
+        terms, pred = system.training_step(pixels.to(accelerator.device), list(prompts), generator, target)
         nearest.extend(system.objective.nearest(pred.embedding)[0][:, 0].tolist())  # the hard words' rows
         return terms
 

@@ -18,6 +18,7 @@ from .base import BaseModel, load_base
 from .conditioning import text_vocabulary
 from .config import Config, from_dict, to_dict
 from .encoder import EncoderOutput, TuningEncoder, check_head_size
+from .errors import DatencoderError
 from .features import FeatureExtractor
 from .io import (ASSETS, artifact_dir, atomic_dir, check_base, check_replaceable, load_tensors, read_json,
                  save_tensors_atomic, write_json_atomic)
@@ -95,12 +96,24 @@ class EncoderSystem:
         """Named, weighted loss terms of one pre-training batch (prompts contain S*)."""
         return self.training_step(pixels, prompts, generator)[0]
 
-    def training_step(self, pixels: Tensor, prompts: list[str],
-                      generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], EncoderOutput]:
-        """The loss terms and the encoder's predictions (pre-training watches them for collapse)."""
+    def training_step(self, pixels: Tensor, prompts: list[str], generator: torch.Generator | None = None,
+                      target: Tensor | None = None) -> tuple[dict[str, Tensor], EncoderOutput]:
+        """The loss terms and the encoder's predictions (pre-training watches them for collapse).
+
+        ``target`` (paired pre-training, ``data.pair_by``): other renders of the same concepts,
+        [N, 3, H, W]; the encoder sees ``pixels`` (noised at the target's timesteps) and the loss
+        reconstructs ``target``. Without it the loss reconstructs ``pixels`` themselves.
+        """
         latents = self.encode_latents(pixels, generator)
         batch = self.objective.add_noise(latents, generator)
-        out = self.run_encoder(pixels, batch)
+        if target is None:
+            out = self.run_encoder(pixels, batch)
+        else:
+            if target.shape != pixels.shape:
+                raise DatencoderError(f"pair targets {tuple(target.shape)} do not match the inputs "
+                                      f"{tuple(pixels.shape)}; both must be [N, 3, H, W] at one resolution")
+            out = self.run_encoder(pixels, batch)  # the encoder's view: the input, noised
+            batch = self.objective.add_noise(self.encode_latents(target, generator), generator, batch.timesteps)
         dual = self.cfg.dual_path.enabled and self.cfg.dual_path.in_pretraining
         return self.objective(batch, prompts, out.embedding, out.factors, dual, generator), out
 
