@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .io import (artifact_dir, atomic_dir, check_base, check_finite, check_replaceable, file_sha256, load_tensors,
-                 read_json, save_tensors_atomic, write_json_atomic)
+                 read_json, save_tensors_atomic, tensors_sha256, write_json_atomic)
 from .errors import DatencoderError
 
 __all__ = ["Concept"]
@@ -107,7 +107,7 @@ class Concept:
             # the tensors' hash in the JSON also tells a pair copied together from two saves apart
             write_json_atomic(tmp / f"{KIND}.json", {
                 "kind": KIND,
-                "tensors_sha256": file_sha256(tmp / f"{KIND}.safetensors"),
+                "tensors_sha256": tensors_sha256(tensors),
                 "placeholder": self.placeholder,
                 "token": self.token,
                 "hard_word": self.hard_word,
@@ -132,7 +132,9 @@ class Concept:
         meta = read_json(directory / f"{KIND}.json", KIND)
         tensors = load_tensors(directory / f"{KIND}.safetensors", KIND)
         recorded = meta.get("tensors_sha256")  # absent in concepts saved before it was recorded
-        if recorded is not None and recorded != file_sha256(directory / f"{KIND}.safetensors"):
+        # concepts saved before the content hash recorded the file's hash: either pairs them
+        if recorded is not None and recorded != tensors_sha256(tensors) \
+                and recorded != file_sha256(directory / f"{KIND}.safetensors"):
             raise DatencoderError(f"{directory}: {KIND}.json and {KIND}.safetensors come from different saves "
                                   f"(tensor fingerprint mismatch); {_FIX}")
         if "embedding" not in tensors:

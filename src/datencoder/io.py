@@ -52,6 +52,7 @@ __all__ = [
     "check_base",
     "check_output",
     "file_sha256",
+    "tensors_sha256",
     "FORMAT_VERSION",
     "ASSETS",
 ]
@@ -141,6 +142,20 @@ def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """Hex SHA-256 of tensors' names, dtypes, shapes and bytes, in name order.
+
+    Unlike the file's hash it does not depend on how a save lays out the safetensors header
+    (whose metadata order can differ between two saves of the same tensors).
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 

@@ -110,7 +110,7 @@ def vocabulary(tokenizer, text_encoder, whole_words_only: bool = True) -> tuple[
 
 def nearest_tokens(vectors: Tensor, table: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
     """Top-k rows of ``table`` by cosine similarity to each vector: ([N, k] indices, [N, k] cos)."""
-    cos = torch.nn.functional.normalize(vectors.float(), dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
+    cos = torch.nn.functional.normalize(vectors.float(), dim=-1) @ torch.nn.functional.normalize(table.float(), dim=-1).T
     values, index = cos.topk(k, dim=-1)
     return index, values
 

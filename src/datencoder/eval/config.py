@@ -36,6 +36,8 @@ class MethodConfig:
     categories: list[str] | None = None
     """Only targets of these categories (E4T inside its domain); None = all."""
     exclude_categories: list[str] = field(default_factory=list)
+    groups: list[str] | None = None
+    """Only targets of these target groups (the long baselines on the paper's setting); None = all."""
     per_category: int | None = None
     """Only the first N targets of each group's category (a subset for costly methods, e.g. the long
     baselines on 12 of 36 targets; the same subset in every shard); None = all."""
@@ -62,10 +64,20 @@ class TargetGroup:
     style: str = "fluent3d"
     per_category: int = 2
     categories: list[str] | None = None
+    splits: list[str] | None = None
+    """Rows of any of these splits (replaces ``split``): a world's concepts in the unseen style are
+    ``heldout_style`` rows, the demo's among them ``heldout_concept`` rows."""
+    world: str | None = None
+    """A world file (``datencoder data world``): only its concepts, or with ``outside_world`` only the others."""
+    outside_world: bool = False
 
     def __post_init__(self) -> None:
         if not self.name:
             raise DatencoderError("every target group needs a name")
+        if self.splits is not None and not self.splits:
+            raise DatencoderError(f"target group {self.name}: splits is empty; name at least one split or drop it")
+        if self.outside_world and not self.world:
+            raise DatencoderError(f"target group {self.name}: outside_world needs world: FILE")
         if self.per_category < 1:
             raise DatencoderError(f"target group {self.name}: per_category must be >= 1, got {self.per_category}")
 
@@ -107,7 +119,10 @@ class EvalConfig:
     guidance: float = 4.0
     scheduler: str = "ddim"
     evaluator: str | None = None
-    """Evaluator folder; None = the shipped one (assets/evaluator)."""
+    """Evaluator folder or shipped name (``evaluator_world``); None = the shipped one (assets/evaluator)."""
+    among: str | None = None
+    """A world file: concept top-1 / top-5 rank the target among its concepts only (the evaluator's
+    other classes ignored), as the world's quality benchmark does; None = among all its classes."""
     scorers: list[str] = field(default_factory=lambda: ["emoji"])
     """emoji (the evaluator: identity, concept, attributes) and/or the paper's metrics: clip (CLIP-I,
     CLIP-T; needs clip_model) and dino (DINO; needs dino_model)."""

@@ -50,7 +50,16 @@ def score_images(evaluator, images, reference, target: Target, prompts: list[str
     gen_emb, ref_emb = emb[:-1], emb[-1:]
     identity = (gen_emb @ ref_emb.T)[:, 0].tolist()  # both L2-normalised
     concept_index = evaluator.index["concept"].get(target.concept)
-    top5 = logits["concept"][:-1].topk(min(5, logits["concept"].shape[1]), dim=-1).indices.tolist()
+    concept_logits = logits["concept"][:-1]
+    among = getattr(evaluator, "among", None)  # evaluator class indices to rank among (EvalConfig.among)
+    if among is not None:
+        concept_logits = concept_logits.clone()
+        keep = torch.zeros(concept_logits.shape[1], dtype=torch.bool)
+        keep[among] = True
+        concept_logits[:, ~keep.to(concept_logits.device)] = float("-inf")
+        if concept_index is not None and not keep[concept_index]:
+            concept_index = None  # not one of the concepts ranked: no top-k for this target
+    top5 = concept_logits.topk(min(5, int(concept_logits.isfinite().all(0).sum())), dim=-1).indices.tolist()
     predicted = {h: [evaluator.labels[h][i] for i in logits[h][:-1].argmax(-1).tolist()]
                  for h in ("style", "background", "position", "size")}
     out = []
@@ -89,6 +98,17 @@ def load_scorers(cfg: EvalConfig) -> dict:
         from ..emoji.evaluator import load_evaluator
 
         scorers["emoji"] = load_evaluator(cfg.evaluator)
+        if cfg.among:
+            from ..emoji.world import world_keys
+            from ..errors import DatencoderError
+
+            index = scorers["emoji"].index["concept"]
+            keys = world_keys(cfg.among)
+            missing = [k for k in keys if k not in index]
+            if missing:
+                raise DatencoderError(f"among={cfg.among}: the evaluator has no class for {len(missing)} of its "
+                                      f"concepts ({', '.join(missing[:3])}); use the evaluator trained on that world")
+            scorers["emoji"].among = [index[k] for k in keys]
     if "clip" in cfg.scorers or "dino" in cfg.scorers:
         from .paper_metrics import PaperMetrics
 

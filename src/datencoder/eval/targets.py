@@ -106,9 +106,17 @@ def select_targets(cfg: TargetsConfig, shard: tuple[int, int] | None = None) -> 
     root = Path(cfg.manifest).parent if cfg.manifest else Path(".")
     key = "source" if cfg.use_source else "file"
     for group in cfg.groups:
+        splits = set(group.splits or [group.split])
+        world = None
+        if group.world:
+            from ..emoji.world import world_keys
+
+            world = set(world_keys(group.world))
         by_category: dict[str, dict[str, dict]] = {}
         for row in rows:
-            if row.get("split") == group.split and row.get("style") == group.style and (
+            if world is not None and (row.get("concept") in world) == group.outside_world:
+                continue
+            if row.get("split") in splits and row.get("style") == group.style and (
                     group.categories is None or row.get("category") in group.categories):
                 by_category.setdefault(row["category"], {}).setdefault(row["concept"], row)
         for category in sorted(by_category):
@@ -143,5 +151,6 @@ def select_targets(cfg: TargetsConfig, shard: tuple[int, int] | None = None) -> 
 
 def method_targets(method: MethodConfig, targets: list[Target]) -> list[Target]:
     return [t for t in targets if (method.categories is None or t.category in method.categories)
+            and (method.groups is None or t.group in method.groups)
             and t.category not in method.exclude_categories
             and (method.per_category is None or t.rank < method.per_category)]
