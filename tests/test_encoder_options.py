@@ -122,7 +122,8 @@ def test_full_mode_saves_and_loads(full_system, tmp_path):
     assert all(torch.equal(v, loaded.encoder.state_dict()[k]) for k, v in full_system.encoder.state_dict().items())
 
 
-@pytest.mark.parametrize("name, mode", [("minisd-emoji-encoder", "full"), ("minisd-emoji-encoder-basis", "core")])
+@pytest.mark.parametrize("name, mode", [("minisd-emoji-encoder", "factorized"), ("minisd-emoji-encoder-v1", "full"),
+                                        ("minisd-emoji-encoder-basis", "core")])
 def test_shipped_encoders_still_load_unchanged(name, mode):
     from datencoder.system import SHIPPED_ENCODERS
 

@@ -103,6 +103,9 @@ def _config_classes() -> dict[str, type]:
         "minisd_encoder_distinct.yaml": Config, "minisd_encoder_captioned.yaml": Config,
         "minisd_encoder_full_distinct.yaml": Config, "minisd_encoder_factorized.yaml": Config,
         "minisd_e4t_animals.yaml": Config, "eval_minisd.yaml": EvalConfig, "eval_minisd_fixed.yaml": EvalConfig,
+        "minisd_encoder_pairs.yaml": Config, "minisd_encoder_pairs_clean.yaml": Config,
+        "minisd_encoder_pairs_no_contrastive.yaml": Config, "minisd_encoder_unpaired.yaml": Config,
+        "eval_world.yaml": EvalConfig,
     }
 
 
@@ -129,6 +132,22 @@ def test_encoder_ablation_configs_differ_from_the_main_one_only_where_they_say()
                 "minisd_encoder_captioned.yaml": {("data", "templates"), ("data", "hflip"), ("tune", "templates")},
                 "minisd_encoder_full_distinct.yaml": {("encoder", "hypernet_mode"), ("loss", "predicted_negatives"),
                                                       ("loss", "distinct_positives")}}
+    for name, keys in expected.items():
+        other = to_dict(load_config(shipped_configs_dir() / name))
+        differ = {(section, key) for section, values in main.items() if isinstance(values, dict)
+                  for key in values if values[key] != other[section][key]}
+        assert differ - {("train", "output_dir")} == keys, name
+
+
+def test_paired_ablation_configs_differ_from_the_default_recipe_only_where_they_say():
+    from datencoder.config import to_dict
+
+    main = to_dict(load_config(shipped_configs_dir() / "minisd_encoder_pairs_clean.yaml"))
+    assert main["data"]["pair_by"] == "concept" and main["data"]["pair_input"] == "source"
+    expected = {"minisd_encoder_pairs.yaml": {("data", "pair_input")},
+                "minisd_encoder_pairs_no_contrastive.yaml": {("loss", "contrastive_weight")},
+                "minisd_encoder_unpaired.yaml": {("data", "pair_by"), ("data", "pair_input"), ("data", "templates"),
+                                                 ("tune", "templates")}}
     for name, keys in expected.items():
         other = to_dict(load_config(shipped_configs_dir() / name))
         differ = {(section, key) for section, values in main.items() if isinstance(values, dict)

@@ -81,7 +81,7 @@ def test_the_default_hypernetwork_fits_sd15_and_sdxl_and_full_is_refused(capsys)
         assert rows[arch, "full"]["refused"] and rows[arch, "full"]["fraction"] > 0.9
         assert rows[arch, "factorized"]["tune_heads_weights"] < 0.01 * rows[arch, "factorized"]["unet_weights"]
         assert f"| {arch} | {rows[arch, 'full']['unet_weights']:,} | full |" in table
-    assert not rows["minisd", "full"]["refused"]  # the shipped minisd-emoji-encoder
+    assert not rows["minisd", "full"]["refused"]  # the shipped minisd-emoji-encoder-v1
     assert rows["sd15", "full"]["hypernetwork_weights"] > 800_000_000
 
     unet = scale.meta_unet("sd15")

@@ -32,13 +32,16 @@ KIND = "encoder"
 DEFAULT_ENCODER = "minisd-emoji-encoder"
 """The name of the shipped encoder on the command line (like the base's ``minisd-emoji``)."""
 DEFAULT_ENCODER_DIR = ASSETS / DEFAULT_ENCODER
-"""The encoder pre-trained on the embedded default base model, shipped in the package: the
-per-sample hypernetwork (``minisd_encoder_full_hypernet.yaml``), the best measured (docs/results.md)."""
+"""The encoder pre-trained on the embedded default base model (the world base), shipped in the
+package: the factorized hypernetwork with paired pre-training on clean inputs
+(``minisd_encoder_pairs_clean.yaml``; docs/results.md)."""
 SHIPPED_ENCODERS = {DEFAULT_ENCODER: DEFAULT_ENCODER_DIR,
+                    "minisd-emoji-encoder-v1": ASSETS / "minisd-emoji-encoder-v1",
                     "minisd-emoji-encoder-basis": ASSETS / "minisd-emoji-encoder-basis"}
-"""Encoders shipped in the package, by name. ``minisd-emoji-encoder-basis`` (``minisd_encoder.yaml``: an
-r x r core on a learned basis) was the default until 2026-11-29; the evaluation's ``ours-*`` rows
-measure it."""
+"""Encoders shipped in the package, by name. The two earlier ones were pre-trained for the earlier
+base ``minisd-emoji-v1`` (which they load): ``minisd-emoji-encoder-v1`` (the per-sample hypernetwork,
+``minisd_encoder_full_hypernet.yaml``, the previous default) and ``minisd-emoji-encoder-basis``
+(``minisd_encoder.yaml``: an r x r core on a learned basis); docs/results_v1.md measures them."""
 
 
 def encoder_path(name: str | Path) -> Path:
