@@ -6,7 +6,9 @@ For a method (default ``ours-12``), against the floor (no personalisation), Text
 1. it adds identity over the floor by more than two standard errors (paired over targets);
 2. it keeps editability within 0.05 of the floor;
 3. it reaches at least Textual Inversion-500's identity (paired on the targets both ran);
-4. it costs at most 1/20 of Textual Inversion-500's time (idle timings, same thread count).
+4. it costs at most 1/20 of Textual Inversion-500's time (idle timings, same thread count);
+5. with ``--top5-target X``: the share of its images whose concept is among the evaluator's 5 most
+   likely (``top5`` of the records; targets without a concept class are left out) is at least X.
 
 Each claim is printed as one markdown line with its numbers and whether it holds, for all targets
 and for each target group.
@@ -32,7 +34,23 @@ def _fmt(stat) -> str:
     return f"{mean:+.3f} ± {sem:.3f} (n = {n})"
 
 
-def claims(records: list[dict], method: str, floor: str, ti: str, speed: dict | None) -> list[str]:
+def top5_share(records: list[dict], method: str) -> tuple[float, float, int] | None:
+    """Mean over targets of the share of their images with the concept in the top 5, its s.e., targets."""
+    per_target: dict[str, list[int]] = {}
+    for r in records:
+        if r["method"] == method and r.get("top5") is not None:
+            per_target.setdefault(r["target"], []).append(r["top5"])
+    if not per_target:
+        return None
+    shares = [sum(v) / len(v) for v in per_target.values()]
+    n = len(shares)
+    mean = sum(shares) / n
+    sem = (sum((x - mean) ** 2 for x in shares) / (n - 1) / n) ** 0.5 if n > 1 else 0.0
+    return mean, sem, n
+
+
+def claims(records: list[dict], method: str, floor: str, ti: str, speed: dict | None,
+           top5_target: float | None = None) -> list[str]:
     lines = []
     groups = [None] + sorted({r["group"] for r in records})
     for group in groups:
@@ -56,6 +74,13 @@ def claims(records: list[dict], method: str, floor: str, ti: str, speed: dict | 
             verdict = ("holds" if d[0] >= 0 else
                        "does not hold, within 2 s.e." if d[0] + 2 * d[1] >= 0 else "does not hold, beyond 2 s.e.")
             lines.append(f"- {label}: **identity at least `{ti}`'s** ({method} − {ti}, paired) Δ {_fmt(d)}: {verdict}")
+        share = top5_share(rs, method) if top5_target is not None else None
+        if share is not None:
+            floor_share = top5_share(rs, floor)
+            lines.append(f"- {label}: **concept top-5 at least {top5_target:.0%}**: {share[0]:.1%} ± {share[1]:.1%} "
+                         f"of the images (n = {share[2]} targets; `{floor}`: "
+                         f"{'n/a' if floor_share is None else f'{floor_share[0]:.1%}'}): "
+                         f"{'holds' if share[0] >= top5_target else 'does not hold'}")
     if speed:
         rows = {r["method"]: r for r in speed["rows"]}
         ours = rows.get(method, {}).get("seconds")
@@ -76,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--floor", default="no-personalisation")
     parser.add_argument("--ti", default="ti-500")
     parser.add_argument("--speed", default="docs/eval_speed.json")
+    parser.add_argument("--top5-target", type=float, default=None,
+                        help="also check that the concept is among the top 5 in at least this share of images")
     args = parser.parse_args(argv)
     try:
         records = read_records(Path(args.records))
@@ -86,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"Claims for `{args.method}` ({args.records}):")
-    print("\n".join(claims(records, args.method, args.floor, args.ti, speed)))
+    print("\n".join(claims(records, args.method, args.floor, args.ti, speed, args.top5_target)))
     return 0
 
 

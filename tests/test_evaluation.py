@@ -430,6 +430,14 @@ def test_results_claims_reads_paired_differences_and_the_idle_timings(tmp_path, 
     assert "**editability within 0.05 of the floor** Δ +0.000 ± 0.000 (n = 4): holds" in text
     assert "identity at least `ti`'s** (ours − ti, paired) Δ -0.095 ± 0.005 (n = 2): does not hold, beyond 2 s.e." in text
     assert "2.00 s against 100.0 s (1/50" in text and text.endswith("holds")
+    # the top-5 share: the mean over targets of each target's share of images (a: 2 of 2, b: 0 of 2, c: 0 of
+    # 4 -> 1/3), not the pooled share of images (2 of 8); a target without a concept class is left out
+    top = [dict(rec("ours", "a", 0.6, 1), top5=1)] * 2 + [dict(rec("ours", "b", 0.6, 1), top5=0)] * 2
+    top += [dict(rec("ours", "c", 0.6, 1), top5=0)] * 4 + [dict(rec("ours", "x", 0.6, 1), top5=None)]
+    mean, sem, n = claims.top5_share(top, "ours")
+    assert (mean, n) == (pytest.approx(1 / 3), 3) and sem == pytest.approx((1 / 3) ** 0.5 / 3 ** 0.5)
+    text = "\n".join(claims.claims(records + top, "ours", "floor", "ti", None, top5_target=0.5))
+    assert "**concept top-5 at least 50%**" in text and "(n = 4 targets; `floor`: 0.0%): does not hold" in text
     (tmp_path / "records.jsonl").write_text("")
     assert claims.main(["--records", str(tmp_path / "records.jsonl")]) == 2
     assert "no evaluation records" in capsys.readouterr().err
