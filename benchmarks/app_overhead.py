@@ -13,7 +13,7 @@ The two alternate, ``--repeats`` times each after one warm-up of each; the app's
 this process use the same thread count. Model loading is not counted on either side (the app
 loads once per process, the CLI once per command: reported separately as the CLI's load).
 
-    python benchmarks/app_overhead.py [--out docs/app_overhead.md]
+    python benchmarks/app_overhead.py [--out reports/app_overhead.md]
 """
 
 from __future__ import annotations

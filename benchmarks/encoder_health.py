@@ -10,7 +10,7 @@ mean cosine to their 10 nearest words is higher: a small share means a hub). Wri
 and the per-image words as JSON.
 
     python benchmarks/encoder_health.py [--encoder DIR ...] [--manifest /work/data/emoji/manifest.jsonl]
-        [--split heldout_concept] [--images source|file] [--out docs/encoder_health.md]
+        [--split heldout_concept] [--images source|file] [--out reports/encoder_health.md]
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", choices=("source", "file", "both"), default="both",
                         help="source: the clean render (a user's one image); file: a composed training-style image "
                              "(also says whether the word follows the background colour); both: a table of each")
-    parser.add_argument("--out", default="docs/encoder_health.md")
+    parser.add_argument("--out", default="reports/encoder_health.md")
     args = parser.parse_args(argv)
     manifest = Path(args.manifest)
     if not manifest.is_file():

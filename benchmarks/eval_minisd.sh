@@ -1,5 +1,5 @@
 #!/bin/bash
-# The full comparison of docs/results.md on the embedded default minisd-emoji, as it was run on a
+# The full comparison of reports/results_v1.md on the embedded default minisd-emoji, as it was run on a
 # 2-core CPU: single-thread processes side by side (on two cores that beats one two-thread process
 # for these small batches). Every step is resumable: rerun this script after an interruption.
 #

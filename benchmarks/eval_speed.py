@@ -11,7 +11,7 @@ the resident set at its start (the loaded base model, the encoder and what the a
 the warm-up run), in MB; on the CPU the difference is not the personalisation's own need, since
 the warm-up's freed memory is reused.
 
-    python benchmarks/eval_speed.py [--config eval_minisd_fixed] [--threads 1] [--out docs/eval_speed.json]
+    python benchmarks/eval_speed.py [--config eval_minisd_fixed] [--threads 1] [--out reports/eval_speed.json]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _resident_mb() -> float | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="eval_minisd_fixed")
-    parser.add_argument("--out", default="docs/eval_speed.json")
+    parser.add_argument("--out", default="reports/eval_speed.json")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -7,7 +7,7 @@ prompts that name that attribute. Two references are measured with the same eval
 validation accuracy (composition index 3 of every concept-style, never trained on) and its
 accuracy on the real composite of each prompt (what a perfect generator would score).
 
-    python benchmarks/minisd_quality.py [--prompts 200] [--seeds 4] [--out docs/minisd_quality.json]
+    python benchmarks/minisd_quality.py [--prompts 200] [--seeds 4] [--out reports/minisd_quality.json]
     python benchmarks/minisd_quality.py --world data/world128.json --among data/world32.json ...
 
 ``--world`` builds the prompts over a world's concepts (``datencoder data world``) and adds concept
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="prompts per pipeline call (x seeds images)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default="/work/runs/minisd/quality")
-    p.add_argument("--out", default="docs/minisd_quality.json")
+    p.add_argument("--out", default="reports/minisd_quality.json")
     p.add_argument("--grid", default="docs/images/minisd_quality_grid.png")
     p.add_argument("--grid-rows", type=int, default=12)
     p.add_argument("--world", default=None, help="a world file: prompts over its concepts, scored among them too")

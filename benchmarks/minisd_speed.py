@@ -5,7 +5,7 @@ libraries, and ``load_base`` itself (the model's cost), plus their sum (the cold
 Generation runs in this process, after one warm-up call, as the median of ``--repeats`` calls
 of a stock StableDiffusionPipeline with DDIM and classifier-free guidance.
 
-    python benchmarks/minisd_speed.py [--out docs/minisd_speed.md]
+    python benchmarks/minisd_speed.py [--out reports/minisd_speed.md]
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="docs/minisd_speed.md")
+    p.add_argument("--out", default="reports/minisd_speed.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 

@@ -14,7 +14,7 @@ Each claim is printed as one markdown line with its numbers and whether it holds
 and for each target group.
 
     python benchmarks/results_claims.py [--records runs/eval/minisd_fixed] [--method ours-12]
-        [--floor no-personalisation] [--ti ti-500] [--speed docs/eval_speed.json]
+        [--floor no-personalisation] [--ti ti-500] [--speed reports/eval_speed.json]
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="ours-12")
     parser.add_argument("--floor", default="no-personalisation")
     parser.add_argument("--ti", default="ti-500")
-    parser.add_argument("--speed", default="docs/eval_speed.json")
+    parser.add_argument("--speed", default="reports/eval_speed.json")
     parser.add_argument("--top5-target", type=float, default=None,
                         help="also check that the concept is among the top 5 in at least this share of images")
     args = parser.parse_args(argv)

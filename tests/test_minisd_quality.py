@@ -168,7 +168,7 @@ def test_quality_scripts_refuse_missing_inputs_with_one_line(toy, evaluator_dir,
 
 
 def _v2_configs() -> dict[str, tuple[str, Path]]:
-    """stage -> config for each YAML in docs/minisd_v2, as the documented commands use them."""
+    """stage -> config for each YAML in reports/minisd_v2, as the documented commands use them."""
     stages = {"vae_f8c16.yaml": "vae", "text_cache.yaml": "cache", "unet_A.yaml": "unet", "unet_B.yaml": "unet",
               "unet_C.yaml": "unet"}
     found = sorted(p.name for p in V2.glob("*.yaml"))

@@ -13,7 +13,7 @@ With ``predicted_negatives`` the other rows' predicted embeddings v_j join the d
 (exp(cos(v_i, v_j)/tau), gradient through both; rows equal to v_i, i.e. the same concept, are
 left out). Without it nothing keeps two concepts from sharing a nearest word: a word shared by
 several concepts is one candidate, so all of them snapping to one "hub" word costs nothing, and
-the shipped minisd encoder did exactly that (docs/encoder_health.md).
+the shipped minisd encoder did exactly that (reports/encoder_health.md).
 
 With ``distinct_positives`` different concepts in a batch never share a positive word: rows take
 their words greedily, the row closest to its word first, each the nearest word no other concept
