@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     by_name = {m.name: m for m in cfg.methods}
     # (method to time, steps to time it at); the baselines' longer runs are extrapolated per step
     plan = [("ours-0", None), ("ours-12", None), ("ours-50", None), ("tune-heads-12", None),
-            ("full-hypernet-12", None), ("ti-100", 20), ("db-lora-50", 20), ("db-unet-400", 20)]
+            ("full-hypernet-12", None), ("ti-100", 20), ("db-lora-50", 20), ("db-unet-400", 20),
+            ("db-unet-200", 20)]
     plan = [(name, steps) for name, steps in plan if name in {m.name for m in cfg.methods}]
     load_before = os.getloadavg()
     systems: dict = {}
