@@ -17,11 +17,11 @@ from .attention import AdapterInputs, uses_dual_path
 from .conditioning import (TextStates, added_cond_kwargs, encode_text, joint_unit, nearest_words, pooled_text,
                            word_embedding)
 from .config import Config
-from .errors import DatencoderError
+from .diffusion import diffusion_target, min_snr_weights
 from .regularizers import l2_loss, nn_contrastive_loss, norm_loss, offset_l2
 from .tokens import fill_placeholder, hard_prompts, token_word
 
-__all__ = ["Objective", "NoisyLatents", "diffusion_target"]
+__all__ = ["Objective", "NoisyLatents", "diffusion_target", "min_snr_weights"]
 
 
 @dataclass
@@ -30,35 +30,6 @@ class NoisyLatents:
     noise: Tensor  # [N, C, h, w]
     timesteps: Tensor  # [N]
     noisy: Tensor  # [N, C, h, w] z_t
-
-
-def min_snr_weights(scheduler, timesteps: Tensor, gamma: float, plus_one: bool = False) -> Tensor:
-    """Min-SNR-gamma weights of the prediction MSE (Hang et al. 2023) for the scheduler's target.
-
-    The x0-error weight is min(SNR, gamma), or with ``plus_one`` min(SNR + 1, gamma) (plain v-MSE
-    capped at gamma, which keeps the noisiest steps at full weight; v-prediction only). Finite at
-    zero terminal SNR for v-prediction.
-    """
-    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
-    snr = alphas / (1 - alphas)
-    v_pred = scheduler.config.prediction_type == "v_prediction"
-    if plus_one:
-        if not v_pred:
-            raise DatencoderError("the min_snr_plus_one weighting needs prediction_type v_prediction")
-        return torch.clamp(snr + 1, max=gamma) / (snr + 1)
-    capped = torch.clamp(snr, max=gamma)
-    return capped / (snr + 1) if v_pred else capped / snr
-
-
-def diffusion_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    if kind == "sample":
-        return latents
-    raise DatencoderError(f"unsupported scheduler prediction_type {kind!r} (epsilon, v_prediction, sample)")
 
 
 class Objective:

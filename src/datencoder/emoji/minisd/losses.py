@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from ...config import check_choice, check_range
 from ...errors import DatencoderError
-from ...objective import diffusion_target, min_snr_weights
+from ...diffusion import diffusion_target, min_snr_weights
 
 
 @dataclass
