@@ -192,8 +192,14 @@ def test_paired_pretraining_runs_and_resumes_exactly(tiny_base_dir, manifest, tm
         return load_config("tiny", [f"model.pretrained={tiny_base_dir}", f"data.manifest={path}",
                                     "data.pair_by=concept", "data.pair_input=source", "data.hflip=false",
                                     f"data.templates={json.dumps(TEMPLATES)}", f"train.output_dir={out}",
-                                    "train.steps=3", "train.batch_size=3", "train.checkpoint_every=1"])
+                                    "train.steps=3", "train.batch_size=3", "train.checkpoint_every=1",
+                                    'tune.templates=["S*"]'])
 
+    with pytest.raises(DatencoderError, match="set tune.templates"):  # refused before any loading
+        pretrain(load_config("tiny", [f"model.pretrained={tmp_path / 'no-base'}", f"data.manifest={path}",
+                                      "data.pair_by=concept", f"data.templates={json.dumps(TEMPLATES)}",
+                                      f"train.output_dir={tmp_path / 'refused'}", "tune.templates=null"]))
+    assert not (tmp_path / "refused").exists()
     straight = pretrain(cfg(tmp_path / "straight"))
     assert straight.step == 3
     cut = cfg(tmp_path / "cut")

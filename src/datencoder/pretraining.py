@@ -25,7 +25,7 @@ import torch
 
 from .base import SHIPPED_BASES, load_base
 from .config import Config, to_dict
-from .dataset import ImageFolderDataset
+from .dataset import ImageFolderDataset, template_fields
 from .errors import DatencoderError
 from .health import nearest_word_stats
 from .image_io import make_grid, save_image_atomic
@@ -97,6 +97,11 @@ def pretrain(cfg: Config, resume: bool = False, max_steps: int | None = None,
     tc = cfg.train
     if not cfg.model.pretrained:
         raise DatencoderError("model.pretrained is empty; pass model.pretrained=FOLDER_OR_HUB_ID")
+    named = sorted(template_fields(cfg.data.templates))
+    if named and cfg.tune.templates is None:  # else the saved encoder could not personalise one image
+        raise DatencoderError(f"data.templates name manifest fields {named}, and tune.templates is unset, so "
+                              "personalising with this encoder would use them; set tune.templates to plain "
+                              "templates (e.g. tune.templates='[\"S*\"]')")
     out = Path(tc.output_dir)
     check_resume(out, resume)
     check_output(out, "train.output_dir")
