@@ -41,7 +41,7 @@ SHIPPED_ENCODERS = {DEFAULT_ENCODER: DEFAULT_ENCODER_DIR,
 """Encoders shipped in the package, by name. The two earlier ones were pre-trained for the earlier
 base ``minisd-emoji-v1`` (which they load): ``minisd-emoji-encoder-v1`` (the per-sample hypernetwork,
 ``minisd_encoder_full_hypernet.yaml``, the previous default) and ``minisd-emoji-encoder-basis``
-(``minisd_encoder.yaml``: an r x r core on a learned basis); docs/results_v1.md measures them."""
+(``minisd_encoder.yaml``: an r x r core on a learned basis); reports/results_v1.md measures them."""
 
 
 def encoder_path(name: str | Path) -> Path:

@@ -24,7 +24,7 @@ __all__ = ["NPM_PACKAGES", "Sources", "discover_sources", "load_openmoji_concept
 
 log = logging.getLogger(__name__)
 
-# Pinned so the same command gives the same art; versions measured on 2026-11-27.
+# Pinned so the same command gives the same art.
 NPM_PACKAGES = {"@twemoji/svg": "15.0.0", "openmoji": "17.0.0", "@lobehub/fluent-emoji-3d": "1.1.0"}
 NOTO_FONT_PATHS = ("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf",
                    "/usr/share/fonts/noto/NotoColorEmoji.ttf")
