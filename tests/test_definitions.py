@@ -62,8 +62,8 @@ def test_collapse_watch_counts_the_hard_words(tiny_sdxl_base_dir, tmp_path, monk
     seen, counted = [], []
     real_step, real_stats = EncoderSystem.training_step, pretraining.nearest_word_stats
 
-    def step(self, pixels, prompts, generator=None):  # the watch gets embeddings where the definitions differ
-        terms, out = real_step(self, pixels, prompts, generator)
+    def step(self, pixels, prompts, generator=None, target=None):  # the watch gets embeddings where the definitions differ
+        terms, out = real_step(self, pixels, prompts, generator, target)
         candidates, joint = _disagreeing(self)
         plain = nearest_tokens(candidates, self.vocab_table, 1)[0][:, 0]
         embeddings = candidates[(plain == joint).long().argsort(stable=True)[:len(prompts)]]  # differing rows first

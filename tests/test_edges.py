@@ -231,8 +231,12 @@ def test_shipped_encoder_has_a_name(world, capsys, tmp_path):
     out = tmp_path / "c"
     _ok(capsys, ["personalize", world["image"], "--out", out, "--steps", "0"])  # no --encoder: the shipped one
     meta = json.loads((out / "concept.json").read_text())
-    # the shipped encoders were pre-trained on v1, which stays loadable by name beside the default
-    assert meta["base"]["name"] == "minisd-emoji-v1" and meta["info"]["encoder"] == str(DEFAULT_ENCODER_DIR)
+    # the default encoder is pre-trained for the default base; the earlier ones name v1 by its name
+    assert meta["base"]["name"] == "minisd-emoji" and meta["info"]["encoder"] == str(DEFAULT_ENCODER_DIR)
+    from datencoder.system import SHIPPED_ENCODERS
+
+    for name in ("minisd-emoji-encoder-v1", "minisd-emoji-encoder-basis"):
+        assert json.loads((SHIPPED_ENCODERS[name] / "encoder.json").read_text())["base"]["name"] == "minisd-emoji-v1"
 
 
 def test_shipped_encoders_by_name_and_the_ship_script(world, tmp_path):
