@@ -7,6 +7,10 @@ another by accident.
 
 from __future__ import annotations
 
+import re
+import warnings
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,11 +19,14 @@ from PIL import Image
 
 from datencoder.base import load_base
 from datencoder.concept import Concept
+from datencoder.config import Config, from_dict
 from datencoder.errors import DatencoderError
 from datencoder.pipeline import ConceptPipeline, ConceptPipelineOutput
+from datencoder.system import EncoderSystem
 
 from test_export import _random_concept  # non-zero factors on every projection, a random embedding
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of S* on the beach"
 PROMPTS = [PROMPT, "S*, small, on a red background"]
 N = 3
@@ -197,3 +204,47 @@ def test_negative_prompt_is_one_text_and_none_means_none(sd):
     with pytest.raises(DatencoderError, match=r"^negative_prompt must be one text \(used for every prompt\), "
                                               r"got \['a', 'b'\]$"):
         sd(PROMPTS, negative_prompt=["a", "b"])
+
+
+# -- the documentation's pipeline code runs as printed ---------------------------------------------
+def _python_block(path: Path, containing: str) -> str:
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", path.read_text(), re.S) if containing in b]
+    assert len(blocks) == 1, f"{path.name}: {len(blocks)} python blocks contain {containing!r}"
+    return blocks[0]
+
+
+def _run(code: str, where: str, namespace: dict) -> dict:
+    """Runs ``code``; a deprecated ConceptPipeline spelling in it is a failure, not a warning."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        exec(compile(code, where, "exec"), namespace)
+    stale = [str(w.message) for w in record if str(w.message).startswith("ConceptPipeline:")]
+    assert not stale, f"{where} uses a deprecated spelling: {stale}"
+    return namespace
+
+
+def test_readme_python_runs_as_printed(tiny_base_dir, tmp_path, monkeypatch):
+    cfg = from_dict(Config, {"model": {"pretrained": str(tiny_base_dir)},
+                             "encoder": {"tower_layers": [-1, -2], "hidden_dim": 32},
+                             "tune": {"steps": 2, "batch_size": 1}})
+    EncoderSystem(load_base(str(tiny_base_dir)), cfg).save(tmp_path / "runs" / "sd15" / "encoder")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+        tmp_path / "my_dog.jpg")
+    monkeypatch.chdir(tmp_path)
+    done = _run(_python_block(ROOT / "README.md", "ConceptPipeline("), "README.md", {})
+    assert len(done["images"]) == 4 and all(isinstance(image, Image.Image) for image in done["images"])
+    assert (tmp_path / "concepts" / "dog" / "concept.json").is_file()
+
+
+def test_commands_md_python_runs_as_printed(tiny_base_dir, tmp_path, monkeypatch):
+    base = load_base(str(tiny_base_dir), with_image_tower=False)
+    _random_concept(base, seed=4).save(tmp_path / "concepts" / "dog")
+    monkeypatch.chdir(tmp_path)
+    _run(_python_block(ROOT / "docs" / "commands.md", "ConceptPipeline("), "docs/commands.md", {})
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["000.png", "001.png", "002.png", "003.png"]
+
+
+def test_architecture_md_call_runs_as_printed(sd):
+    done = _run(_python_block(ROOT / "docs" / "architecture.md", "out = pipe("),
+                "docs/architecture.md", {"pipe": sd, "torch": torch})
+    assert isinstance(done["out"], ConceptPipelineOutput) and len(done["out"].images) == 6
