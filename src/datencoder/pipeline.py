@@ -243,7 +243,8 @@ class ConceptPipeline:
 
         Deprecated, for one release (each warns with a ``FutureWarning``): ``num_images`` (now
         ``num_images_per_prompt``) and ``callback(step_index, num_inference_steps)`` (now
-        ``callback_on_step_end``).
+        ``callback_on_step_end``). The default count is diffusers' one image per prompt; the old
+        ``num_images`` defaulted to 4.
         """
         if num_images is not None:
             if num_images_per_prompt is not None:
