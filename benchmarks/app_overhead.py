@@ -66,8 +66,9 @@ def library_run(system, image_path: Path, args, work: Path) -> float:
     pixels = image_to_tensor(load_image(image_path), system.base.resolution)
     concept = personalize(system, pixels, replace(system.cfg.tune, steps=args.steps, seed=0))
     concept.save(work / "concept")
-    images = ConceptPipeline(system.base, concept)(PROMPT, num_images=args.images, num_inference_steps=args.sample_steps,
-                                                   guidance_scale=7.5, seed=0)
+    images = ConceptPipeline(system.base, concept)(PROMPT, num_images_per_prompt=args.images,
+                                                   num_inference_steps=args.sample_steps, guidance_scale=7.5,
+                                                   seed=0).images
     for i, image in enumerate(images):
         save_image_atomic(image, work / f"{i:03d}.png")
     return time.perf_counter() - start

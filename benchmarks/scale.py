@@ -387,8 +387,8 @@ def _generate(base, cfg, steps: int) -> bool:
               for enc in (base.text_encoder, getattr(base, "text_encoder_2", None)) if enc is not None]
     concept = Concept(embedding=0.01 * torch.randn(sum(widths), generator=gen), factors=factors, hard_word="dog",
                       base={"name": base.name, "fingerprint": base.fingerprint}, token_dims=tuple(widths))
-    images = ConceptPipeline(base, concept)("a photo of S* on the beach", num_images=1,
-                                            num_inference_steps=steps, guidance_scale=7.5, output_type="pt")
+    images = ConceptPipeline(base, concept)("a photo of S* on the beach", num_images_per_prompt=1,
+                                            num_inference_steps=steps, guidance_scale=7.5, output_type="pt").images
     return bool(torch.isfinite(images.float()).all())
 
 

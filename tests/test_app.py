@@ -191,8 +191,10 @@ def test_api_personalise_then_generate_equals_the_library(server, tmp_path):
     # the page's image is the library's, from the downloaded concept with the same settings
     # on the base the concept records (the shipped encoders' base, minisd-emoji-v1)
     library = ConceptPipeline(load_base(concept.base["name"], with_image_tower=False), concept)(
-        "S*, small, top left", num_images=1, num_inference_steps=4, guidance_scale=7.5, seed=5)[0]
-    assert np.abs(served - np.asarray(library, dtype=np.int16)).max() <= 1
+        "S*, small, top left", num_images_per_prompt=1, num_inference_steps=4, guidance_scale=7.5, seed=5).images[0]
+    library = np.asarray(library, dtype=np.int16)
+    assert served.ndim == 3 and served.shape == library.shape  # one image each, not broadcast against a list
+    assert np.abs(served - library).max() <= 1
 
 
 def test_api_errors_are_readable_and_sessions_are_separate(server, tmp_path):

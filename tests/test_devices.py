@@ -55,8 +55,8 @@ def test_bf16_base_personalises_and_generates_finite_with_fp32_trainables(tiny_c
     concept = personalize(system, PIXELS)
     tensors = [concept.embedding, *(t for pair in concept.factors.values() for t in pair)]
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors)
-    images = ConceptPipeline(base, concept)("a photo of S*", num_images=2, num_inference_steps=2,
-                                            guidance_scale=2.0, output_type="pt")
+    images = ConceptPipeline(base, concept)("a photo of S*", num_images_per_prompt=2, num_inference_steps=2,
+                                            guidance_scale=2.0, output_type="pt").images
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images.float()).all()
 
 
@@ -150,18 +150,18 @@ def test_generation_size_scale_and_negative_prompt(tiny_base_dir):
 
     concept = _random_concept(base, seed=3)
     pipe = ConceptPipeline(base, concept)
-    kwargs = dict(num_images=1, num_inference_steps=2, guidance_scale=3.0, output_type="pt")
-    wide = pipe("a photo of S*", height=16, width=40, **kwargs)
+    kwargs = dict(num_images_per_prompt=1, num_inference_steps=2, guidance_scale=3.0, output_type="pt")
+    wide = pipe("a photo of S*", height=16, width=40, **kwargs).images
     assert wide.shape == (1, 3, 16, 40)
     with pytest.raises(DatencoderError, match="multiples of 8"):
         pipe("a photo of S*", height=30, **kwargs)
-    default = pipe("a photo of S*", **kwargs)
+    default = pipe("a photo of S*", **kwargs).images
     # lora_scale multiplies the concept's scale: 0 removes the offsets, leaving the embedding
-    zero = pipe("a photo of S*", lora_scale=0.0, **kwargs)
+    zero = pipe("a photo of S*", lora_scale=0.0, **kwargs).images
     concept.scale = 0.0
-    assert torch.equal(zero, ConceptPipeline(base, concept)("a photo of S*", **kwargs))
+    assert torch.equal(zero, ConceptPipeline(base, concept)("a photo of S*", **kwargs).images)
     assert not torch.equal(zero, default)
-    assert not torch.equal(default, pipe("a photo of S*", negative_prompt="red", **kwargs))
+    assert not torch.equal(default, pipe("a photo of S*", negative_prompt="red", **kwargs).images)
 
 
 def test_device_and_dtype_names():

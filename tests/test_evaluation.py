@@ -130,7 +130,8 @@ def test_textual_inversion_learns_only_the_embedding(base, tmp_path):
     concept = textual_inversion(base, _pixels(base), TextualInversionConfig(steps=2, batch_size=2, lr=0.1))
     assert concept.factors == {} and concept.blend_self == concept.blend_cross == 1.0
     assert not torch.allclose(concept.embedding, init) and (concept.embedding - init).abs().max() < 0.3
-    images = ConceptPipeline(base, concept)(["S*, small"], num_images=1, num_inference_steps=2, guidance_scale=2.0)
+    images = ConceptPipeline(base, concept)(["S*, small"], num_images_per_prompt=1, num_inference_steps=2,
+                                            guidance_scale=2.0).images
     assert images[0].size == (base.resolution, base.resolution)
     out = export_concept(concept, tmp_path / "ti")
     assert (out / EMBEDDING_FILE).is_file() and not (out / LORA_FILE).exists()
@@ -171,7 +172,8 @@ def test_dreambooth_lora_concept_generates_and_exports(base, tmp_path):
     assert torch.equal(concept.embedding, ghost.float())
     assert concept.factors and all(A.shape[0] == 2 == B.shape[1] for A, B in concept.factors.values())
     assert any(B.abs().max() > 0 for _, B in concept.factors.values())
-    images = ConceptPipeline(base, concept)(["S* emoji, on a red background"], num_images=1, num_inference_steps=2)
+    images = ConceptPipeline(base, concept)(["S* emoji, on a red background"], num_images_per_prompt=1,
+                                            num_inference_steps=2).images
     assert len(images) == 1
     out = export_concept(concept, tmp_path / "db")
     assert (out / LORA_FILE).is_file()
@@ -189,8 +191,8 @@ def test_whole_unet_dreambooth_tunes_a_copy_of_every_unet_weight(base):
     assert "conv_in.weight" in changed and any("resnets" in k for k in changed)  # not only attention
     assert concept.factors == {} and concept.hard_word == "ghost" and concept.info["prompt_placeholder"] == "S* emoji"
     prompt = ["S* emoji, on a red background"]
-    mine = ConceptPipeline(tuned, concept)(prompt, num_images=1, num_inference_steps=2, seed=0)
-    plain = ConceptPipeline(base, concept)(prompt, num_images=1, num_inference_steps=2, seed=0)
+    mine = ConceptPipeline(tuned, concept)(prompt, num_images_per_prompt=1, num_inference_steps=2, seed=0).images
+    plain = ConceptPipeline(base, concept)(prompt, num_images_per_prompt=1, num_inference_steps=2, seed=0).images
     assert mine[0].tobytes() != plain[0].tobytes()
     with pytest.raises(DatencoderError, match="not a single token"):
         dreambooth_unet(base, _pixels(base), DreamBoothConfig(steps=1, rare_word="zzqx"))

@@ -114,13 +114,13 @@ def test_export_files_in_diffusers_layout(exported, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_matches_stock_diffusers(exported, family):
     base, concept, _, stock = exported[family]
-    ours = ConceptPipeline(base, concept)(PROMPT, num_images=2, num_inference_steps=2, guidance_scale=7.5,
-                                          seed=0, dual_path=False, output_type="np")
+    ours = ConceptPipeline(base, concept)(PROMPT, num_images_per_prompt=2, num_inference_steps=2, guidance_scale=7.5,
+                                          seed=0, dual_path=False, output_type="np").images
     assert stock.shape == ours.shape == (2, base.resolution, base.resolution, 3)
     np.testing.assert_allclose(stock, ours, atol=1e-6, rtol=0)
     # the concept really changes the images: the same seed without it is far away
-    plain = ConceptPipeline(base)(PROMPT.replace("S*", "dog"), num_images=2, num_inference_steps=2,
-                                  guidance_scale=7.5, seed=0, output_type="np")
+    plain = ConceptPipeline(base)(PROMPT.replace("S*", "dog"), num_images_per_prompt=2, num_inference_steps=2,
+                                  guidance_scale=7.5, seed=0, output_type="np").images
     assert np.abs(ours - plain).max() > 1e-2
 
 

@@ -104,9 +104,9 @@ def test_kohya_matches_diffusers_export(kohya, tiny_clip_base_dir):
     # the same images as datencoder's single-path sampling of the fp16-rounded concept
     images = ours("a photo of my_concept on the beach", num_images_per_prompt=2, num_inference_steps=2,
                   guidance_scale=7.5, generator=torch.Generator().manual_seed(0), output_type="np").images
-    rounded = ConceptPipeline(base, _fp16_factors(concept))(PROMPT, num_images=2, num_inference_steps=2,
+    rounded = ConceptPipeline(base, _fp16_factors(concept))(PROMPT, num_images_per_prompt=2, num_inference_steps=2,
                                                              guidance_scale=7.5, seed=0, dual_path=False,
-                                                             output_type="np")
+                                                             output_type="np").images
     np.testing.assert_allclose(images, rounded, atol=1e-5, rtol=0)
 
 

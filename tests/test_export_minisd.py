@@ -80,8 +80,9 @@ def test_printed_code_reproduces_datencoder(tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    ours = ConceptPipeline(base, concept)("a photo of S* on the beach", num_images=1, seed=0, dual_path=False)[0]
-    plain = ConceptPipeline(base)("a cat", num_images=1, seed=0)[0]
+    ours = ConceptPipeline(base, concept)("a photo of S* on the beach", num_images_per_prompt=1, seed=0,
+                                          dual_path=False).images[0]
+    plain = ConceptPipeline(base)("a cat", num_images_per_prompt=1, seed=0).images[0]
     for npy, image in zip(outs, (ours, plain, plain)):
         theirs, mine = np.load(npy).astype(int), np.asarray(image).astype(int)
         assert theirs.shape == mine.shape == (64, 64, 3)

@@ -79,8 +79,8 @@ def test_bf16_personalisation_stays_within_bounds_of_fp32(tiny_clip_base_dir):
         system = _system(base, _cfg(tiny_clip_base_dir, steps=4, batch_size=2, lr_embedding=1e-4, lr_lora=1e-4))
         predicted = personalize(system, PIXELS, TuneConfig(steps=0))
         tuned = personalize(system, PIXELS)
-        latents = ConceptPipeline(base, tuned)("a photo of S*", num_images=1, num_inference_steps=3,
-                                               guidance_scale=2.0, seed=0, output_type="latent")
+        latents = ConceptPipeline(base, tuned)("a photo of S*", num_images_per_prompt=1, num_inference_steps=3,
+                                               guidance_scale=2.0, seed=0, output_type="latent").images
         results[dtype] = predicted, tuned, latents
     (p16, t16, l16), (p32, t32, l32) = results["bf16"], results["fp32"]
     assert _rel(p16.embedding, p32.embedding) < 5e-3  # the prediction

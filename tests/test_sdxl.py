@@ -164,15 +164,15 @@ def test_sdxl_export_matches_stock_diffusers(tiny_sdxl_base_dir, tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     stock = np.load(tmp_path / "stock.npy")
-    ours = ConceptPipeline(base, concept)(prompt, num_images=2, num_inference_steps=2, guidance_scale=7.5,
-                                          seed=0, dual_path=False, output_type="np")
+    ours = ConceptPipeline(base, concept)(prompt, num_images_per_prompt=2, num_inference_steps=2, guidance_scale=7.5,
+                                          seed=0, dual_path=False, output_type="np").images
     assert stock.shape == ours.shape == (2, 32, 32, 3)
     # Measured max difference 1.5e-6 (2026-11-29, 2-core CPU, 1 thread): the stock pipeline encodes
     # the prompt once and repeats it, we encode a batch of two; their pooled vectors already differ
     # by 2.4e-7. A wrong layout or scale moves pixels by > 1e-2 (the check below).
     np.testing.assert_allclose(stock, ours, atol=1e-5, rtol=0)
-    plain = ConceptPipeline(base)(prompt.replace("S*", "dog"), num_images=2, num_inference_steps=2,
-                                  guidance_scale=7.5, seed=0, output_type="np")
+    plain = ConceptPipeline(base)(prompt.replace("S*", "dog"), num_images_per_prompt=2, num_inference_steps=2,
+                                  guidance_scale=7.5, seed=0, output_type="np").images
     assert np.abs(ours - plain).max() > 1e-2  # the concept really changes the images
 
 

@@ -75,21 +75,21 @@ def test_objective_at_a_zero_is_the_plain_unet_on_the_hard_prompt(bases):
 def test_concept_at_a_zero_generates_the_plain_base_on_the_hard_prompt(bases):
     system, plain = bases
     concept = _concept(system)
-    kwargs = dict(num_images=2, num_inference_steps=2, guidance_scale=2.0, seed=0, output_type="latent")
-    got = ConceptPipeline(system.base, concept)("S* on the beach", **kwargs)
-    expected = ConceptPipeline(plain)(f"{concept.hard_word} on the beach", **kwargs)
+    kwargs = dict(num_images_per_prompt=2, num_inference_steps=2, guidance_scale=2.0, seed=0, output_type="latent")
+    got = ConceptPipeline(system.base, concept)("S* on the beach", **kwargs).images
+    expected = ConceptPipeline(plain)(f"{concept.hard_word} on the beach", **kwargs).images
     assert torch.equal(got, expected)
 
 
 def test_sdxl_pooled_choice_decides_whether_the_vanilla_path_is_vanilla(tiny_sdxl_base_dir):
     system = make_system(tiny_sdxl_base_dir, dual_path={"blend_self": 0.0, "blend_cross": 0.0})
     plain = load_base(str(tiny_sdxl_base_dir), with_image_tower=False).freeze()
-    kwargs = dict(num_images=1, num_inference_steps=2, guidance_scale=2.0, seed=0, output_type="latent")
+    kwargs = dict(num_images_per_prompt=1, num_inference_steps=2, guidance_scale=2.0, seed=0, output_type="latent")
     latents = {}
     for pooled in ("hard", "blend", "soft"):
         concept = _concept(system, pooled)
-        latents[pooled] = ConceptPipeline(system.base, concept)("S* on the beach", **kwargs)
-    expected = ConceptPipeline(plain)(f"{concept.hard_word} on the beach", **kwargs)
+        latents[pooled] = ConceptPipeline(system.base, concept)("S* on the beach", **kwargs).images
+    expected = ConceptPipeline(plain)(f"{concept.hard_word} on the beach", **kwargs).images
     assert torch.equal(latents["hard"], expected) and torch.equal(latents["blend"], expected)  # blend at a = 0
     assert (latents["soft"] - expected).abs().max() > 1e-5  # v reaches the time embedding
 

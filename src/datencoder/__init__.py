@@ -19,6 +19,7 @@ _EXPORTS = {
     "personalize": "datencoder.tuning",
     "Concept": "datencoder.concept",
     "ConceptPipeline": "datencoder.pipeline",
+    "ConceptPipelineOutput": "datencoder.pipeline",
     "load_image": "datencoder.image_io",
     "DatencoderError": "datencoder.errors",
 }

@@ -64,8 +64,8 @@ def _sample_grid(system: EncoderSystem, dataset: ImageFolderDataset, cfg: Config
         pipe = ConceptPipeline(system.base, concept, cfg.sample.scheduler)
         images.append(to_pil(pixels))
         labels.append(f"#{index} ~{concept.hard_word}")
-        images += pipe(cfg.train.sample_prompts, num_images=1, num_inference_steps=cfg.sample.steps,
-                       guidance_scale=cfg.sample.guidance, seed=cfg.sample.seed)
+        images += pipe(cfg.train.sample_prompts, num_images_per_prompt=1, num_inference_steps=cfg.sample.steps,
+                       guidance_scale=cfg.sample.guidance, seed=cfg.sample.seed).images
         labels += cfg.train.sample_prompts
     save_image_atomic(make_grid(images, cols=1 + len(cfg.train.sample_prompts), labels=labels), path)
 

@@ -166,8 +166,8 @@ def run_evaluation(cfg: EvalConfig, methods: list[str] | None = None,
             pipe = ConceptPipeline(generation_base, concept, cfg.scheduler)
             records = []
             for seed in cfg.seeds:
-                images = pipe(prompts, num_images=1, num_inference_steps=cfg.sample_steps,
-                              guidance_scale=cfg.guidance, seed=seed)
+                images = pipe(prompts, num_images_per_prompt=1, num_inference_steps=cfg.sample_steps,
+                              guidance_scale=cfg.guidance, seed=seed).images
                 for p_index, (prompt, rec) in enumerate(zip(cfg.prompts, score_all(
                         scorers, images, image, target, cfg.prompts))):
                     file = None

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DatencoderError
 from ..image_io import image_format, image_to_tensor, load_image, make_grid, save_image_atomic
-from ..pipeline import ConceptPipeline
+from ..pipeline import ConceptPipeline, progress_callback
 from ..io import check_output
 from ..config import TUNE_STEPS_MAX, check_seed
 from ..system import DEFAULT_ENCODER, EncoderSystem, encoder_path
@@ -105,8 +105,9 @@ def run(args) -> int:
         for label, concept in (("encoder only", encoder_only), (f"tuned {args.steps} steps", tuned)):
             pipe = ConceptPipeline(system.base, concept)
             bar = tqdm(total=args.sample_steps, desc=f"sampling ({label})", unit="step", leave=False)
-            images = pipe(PROMPTS, num_images=1, num_inference_steps=args.sample_steps, guidance_scale=args.guidance,
-                          seed=args.seed, callback=lambda i, n: bar.update(1))
+            images = pipe(PROMPTS, num_images_per_prompt=1, num_inference_steps=args.sample_steps,
+                          guidance_scale=args.guidance, seed=args.seed,
+                          callback_on_step_end=progress_callback(bar)).images
             bar.close()
             rows.append((label, images))
         timings["generation"] = time.perf_counter() - t

@@ -179,7 +179,7 @@ def _run(args: argparse.Namespace, concept_dir: str | None, prompt: str, out: Pa
     from ..io import write_json_atomic
     from ..concept import Concept
     from ..image_io import make_grid, save_image_atomic
-    from ..pipeline import ConceptPipeline
+    from ..pipeline import ConceptPipeline, progress_callback
 
     stale = _previous_outputs(out)
     concept = None
@@ -219,10 +219,10 @@ def _run(args: argparse.Namespace, concept_dir: str | None, prompt: str, out: Pa
     with tqdm(total=sample.steps * math.ceil(sample.num_images / args.batch_size), desc="sampling", unit="step") as bar:
         for first in range(0, sample.num_images, args.batch_size):
             count = min(args.batch_size, sample.num_images - first)
-            images = pipe(prompt, num_images=count, num_inference_steps=sample.steps, guidance_scale=sample.guidance,
-                          seed=None, generator=generator, dual_path=not args.no_dual_path,
-                          negative_prompt=sample.negative_prompt, height=height, width=width,
-                          lora_scale=args.lora_scale, callback=lambda i, total: bar.update(1))
+            images = pipe(prompt, num_images_per_prompt=count, num_inference_steps=sample.steps,
+                          guidance_scale=sample.guidance, seed=None, generator=generator,
+                          dual_path=not args.no_dual_path, negative_prompt=sample.negative_prompt, height=height,
+                          width=width, lora_scale=args.lora_scale, callback_on_step_end=progress_callback(bar)).images
             for i, image in enumerate(images, first):
                 save_image_atomic(image, out / f"{i:03d}.png")
             grid_images += images[: max(0, GRID_MAX - len(grid_images))]

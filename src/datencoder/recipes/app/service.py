@@ -213,10 +213,12 @@ class Studio:
             session.cancel.clear()
             pipe = ConceptPipeline(self.system.base, concept)
 
-            def on_step(i: int, total: int) -> None:
+            def on_step(_pipe, i: int, timestep, tensors: dict) -> dict:
                 self._check_cancel(session)
-                progress((i + 1) / total, f"sampling step {i + 1}/{total}")
+                progress((i + 1) / sample_steps, f"sampling step {i + 1}/{sample_steps}")
+                return tensors
 
             progress(0.0, "sampling")
-            return pipe(prompt, num_images=num_images, num_inference_steps=sample_steps,
-                        guidance_scale=guidance, seed=seed, dual_path=bool(dual_path), callback=on_step)
+            return pipe(prompt, num_images_per_prompt=num_images, num_inference_steps=sample_steps,
+                        guidance_scale=guidance, seed=seed, dual_path=bool(dual_path),
+                        callback_on_step_end=on_step).images
