@@ -119,6 +119,15 @@ def test_every_shipped_config_loads():
         assert isinstance(cfg, classes[name])
 
 
+def _differing(main: dict, name: str) -> set[tuple[str, str]]:
+    """The (section, key) pairs where shipped config ``name`` differs from ``main`` (output_dir aside)."""
+    from datencoder.config import to_dict
+
+    other = to_dict(load_config(shipped_configs_dir() / name))
+    return {(section, key) for section, values in main.items() if isinstance(values, dict)
+            for key in values if values[key] != other[section][key]} - {("train", "output_dir")}
+
+
 def test_encoder_ablation_configs_differ_from_the_main_one_only_where_they_say():
     from datencoder.config import to_dict
 
@@ -133,10 +142,7 @@ def test_encoder_ablation_configs_differ_from_the_main_one_only_where_they_say()
                 "minisd_encoder_full_distinct.yaml": {("encoder", "hypernet_mode"), ("loss", "predicted_negatives"),
                                                       ("loss", "distinct_positives")}}
     for name, keys in expected.items():
-        other = to_dict(load_config(shipped_configs_dir() / name))
-        differ = {(section, key) for section, values in main.items() if isinstance(values, dict)
-                  for key in values if values[key] != other[section][key]}
-        assert differ - {("train", "output_dir")} == keys, name
+        assert _differing(main, name) == keys, name
 
 
 def test_paired_ablation_configs_differ_from_the_default_recipe_only_where_they_say():
@@ -149,10 +155,7 @@ def test_paired_ablation_configs_differ_from_the_default_recipe_only_where_they_
                 "minisd_encoder_unpaired.yaml": {("data", "pair_by"), ("data", "pair_input"), ("data", "templates"),
                                                  ("tune", "templates")}}
     for name, keys in expected.items():
-        other = to_dict(load_config(shipped_configs_dir() / name))
-        differ = {(section, key) for section, values in main.items() if isinstance(values, dict)
-                  for key in values if values[key] != other[section][key]}
-        assert differ - {("train", "output_dir")} == keys, name
+        assert _differing(main, name) == keys, name
 
 
 def test_configs_that_do_not_pin_a_recorded_design_use_the_default_hypernetwork():
